@@ -1,0 +1,167 @@
+"""Python side of the canet ops: fake (meta) kernels, autograd, and the
+functional API that also accepts padded batches.
+
+The schemas live in csrc/registration.cpp; backends register kernels for the
+`*_fwd` / `*_backward` ops and for `sliced_linear(_backward)`.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _library
+
+_library.load()
+ops = torch.ops.canet
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _stat_dtype(x):
+    return torch.float32 if x.dtype in _HALF else x.dtype
+
+
+# ---------------------------------------------------------------- fakes ----
+# Shape checks only, no data access (routes may live on the GPU).
+
+def _check_packed(x, cu_seqlens, widths, name="widths"):
+    torch._check(x.dim() == 2, lambda: f"x must be [tokens, features], got {x.dim()}-D")
+    torch._check(cu_seqlens.dim() == 1, lambda: "cu_seqlens must be 1-D")
+    torch._check(widths.dim() == 1, lambda: f"{name} must be 1-D")
+    torch._check(widths.shape[0] + 1 == cu_seqlens.shape[0],
+                 lambda: f"{name} needs one entry per sample (len(cu_seqlens) - 1)")
+
+
+@torch.library.register_fake("canet::sliced_linear")
+def _(x, cu_seqlens, in_widths, out_widths, weight, bias):
+    _check_packed(x, cu_seqlens, in_widths, "in_widths")
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.register_fake("canet::sliced_linear_backward")
+def _(grad_out, x, cu_seqlens, in_widths, out_widths, weight, has_bias):
+    gb = weight.new_empty(weight.shape[0] if has_bias else 0)
+    return torch.empty_like(x), torch.empty_like(weight), gb
+
+
+@torch.library.register_fake("canet::sliced_attention_fwd")
+def _(x, cu_seqlens, widths, w_qkv, b_qkv, w_o, b_o, num_heads, causal=True):
+    _check_packed(x, cu_seqlens, widths)
+    T, D = x.shape
+    return (x.new_empty(T, D), x.new_empty(T, 3, D), x.new_empty(T, D),
+            x.new_empty(T, num_heads, dtype=_stat_dtype(x)))
+
+
+@torch.library.register_fake("canet::sliced_attention_backward")
+def _(grad_out, x, cu_seqlens, widths, w_qkv, w_o, qkv, ctx, lse, num_heads,
+      causal):
+    return (torch.empty_like(x), torch.empty_like(w_qkv),
+            w_qkv.new_empty(w_qkv.shape[0], w_qkv.shape[1]),
+            torch.empty_like(w_o), w_o.new_empty(w_o.shape[0]))
+
+
+@torch.library.register_fake("canet::sliced_ffn_fwd")
+def _(x, cu_seqlens, widths, w1, b1, w2, b2, ratio=4):
+    _check_packed(x, cu_seqlens, widths)
+    return torch.empty_like(x), x.new_empty(x.shape[0], w1.shape[0])
+
+
+@torch.library.register_fake("canet::sliced_ffn_backward")
+def _(grad_out, x, cu_seqlens, widths, w1, w2, hidden, ratio):
+    return (torch.empty_like(x), torch.empty_like(w1), w1.new_empty(w1.shape[0]),
+            torch.empty_like(w2), w2.new_empty(w2.shape[0]))
+
+
+@torch.library.register_fake("canet::sliced_add_layernorm_fwd")
+def _(x, residual, cu_seqlens, widths, weight, bias, eps=1e-5):
+    _check_packed(x, cu_seqlens, widths)
+    T = x.shape[0]
+    return (torch.empty_like(x), x.new_empty(T, dtype=_stat_dtype(x)),
+            x.new_empty(T, dtype=_stat_dtype(x)))
+
+
+@torch.library.register_fake("canet::sliced_add_layernorm_backward")
+def _(grad_out, x, residual, cu_seqlens, widths, weight, mean, rstd):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+# ------------------------------------------------------------- autograd ----
+
+def _keep(ctx, grads):
+    """None for inputs that need no gradient (ctx.needs_input_grad)."""
+    return tuple(g if need else None
+                 for g, need in zip(grads, ctx.needs_input_grad))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, cu_seqlens, in_widths, out_widths, weight, bias = inputs
+    ctx.save_for_backward(x, cu_seqlens, in_widths, out_widths, weight)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad_out):
+    x, cu, iw, ow, weight = ctx.saved_tensors
+    gx, gw, gb = ops.sliced_linear_backward(grad_out.contiguous(), x, cu, iw, ow,
+                                            weight, ctx.has_bias)
+    return _keep(ctx, (gx, None, None, None, gw, gb if ctx.has_bias else None))
+
+
+torch.library.register_autograd("canet::sliced_linear", _linear_backward,
+                                setup_context=_linear_setup)
+
+
+def _attention_setup(ctx, inputs, output):
+    x, cu, widths, w_qkv, b_qkv, w_o, b_o, num_heads, causal = inputs
+    _, qkv, attn_ctx, lse = output
+    ctx.save_for_backward(x, cu, widths, w_qkv, w_o, qkv, attn_ctx, lse)
+    ctx.num_heads, ctx.causal = num_heads, causal
+    ctx.mark_non_differentiable(qkv, attn_ctx, lse)
+
+
+def _attention_backward(ctx, grad_out, *_aux):
+    x, cu, widths, w_qkv, w_o, qkv, attn_ctx, lse = ctx.saved_tensors
+    grads = ops.sliced_attention_backward(grad_out.contiguous(), x, cu, widths,
+                                          w_qkv, w_o, qkv, attn_ctx, lse,
+                                          ctx.num_heads, ctx.causal)
+    gx, gwqkv, gbqkv, gwo, gbo = grads
+    return _keep(ctx, (gx, None, None, gwqkv, gbqkv, gwo, gbo, None, None))
+
+
+torch.library.register_autograd("canet::sliced_attention_fwd",
+                                _attention_backward,
+                                setup_context=_attention_setup)
+
+
+def _ffn_setup(ctx, inputs, output):
+    x, cu, widths, w1, b1, w2, b2, ratio = inputs
+    ctx.save_for_backward(x, cu, widths, w1, w2, output[1])
+    ctx.ratio = ratio
+    ctx.mark_non_differentiable(output[1])
+
+
+def _ffn_backward(ctx, grad_out, _grad_hidden):
+    x, cu, widths, w1, w2, hidden = ctx.saved_tensors
+    gx, gw1, gb1, gw2, gb2 = ops.sliced_ffn_backward(
+        grad_out.contiguous(), x, cu, widths, w1, w2, hidden, ctx.ratio)
+    return _keep(ctx, (gx, None, None, gw1, gb1, gw2, gb2, None))
+
+
+torch.library.register_autograd("canet::sliced_ffn_fwd", _ffn_backward,
+                                setup_context=_ffn_setup)
+
+
+def _ln_setup(ctx, inputs, output):
+    x, residual, cu, widths, weight, bias, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, residual, cu, widths, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _ln_backward(ctx, grad_out, _gm, _gr):
+    x, residual, cu, widths, weight, mean, rstd = ctx.saved_tensors
+    gin, gw, gb = ops.sliced_add_layernorm_backward(
+        grad_out.contiguous(), x, residual, cu, widths, weight, mean, rstd)
+    return _keep(ctx, (gin, gin, None, None, gw, gb, None))
+
+
+torch.library.register_autograd("canet::sliced_add_layernorm_fwd", _ln_backward,
+                                setup_context=_ln_setup)

@@ -1,0 +1,90 @@
+"""Plain-PyTorch references of every canet op: an obviously correct loop over
+samples. Tests compare every backend (forward and autograd gradients) with
+these; they are slow and never used on a hot path.
+
+Conventions (see csrc/registration.cpp): packed tokens x[T, D]; sample b owns
+rows cu_seqlens[b]:cu_seqlens[b+1] and runs at width widths[b]; outputs are
+zero beyond the sample's width.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _segments(cu_seqlens):
+    cu = [int(v) for v in cu_seqlens.tolist()]
+    return list(zip(cu[:-1], cu[1:]))
+
+
+def _pad_cols(y, width):
+    return F.pad(y, (0, width - y.shape[-1]))
+
+
+def _stack_rows(rows, like, width):
+    if not rows:
+        return like.new_zeros(0, width)
+    return torch.cat(rows, dim=0)
+
+
+def sliced_linear(x, cu_seqlens, in_widths, out_widths, weight, bias=None):
+    rows = []
+    for b, (s, e) in enumerate(_segments(cu_seqlens)):
+        i, o = int(in_widths[b]), int(out_widths[b])
+        y = x[s:e, :i] @ weight[:o, :i].T
+        if bias is not None:
+            y = y + bias[:o]
+        rows.append(_pad_cols(y, weight.shape[0]))
+    return _stack_rows(rows, x, weight.shape[0])
+
+
+def attention_core(q, k, v, num_heads, causal):
+    """q, k, v: [n, w] of one sample; heads split the w features."""
+    n, w = q.shape
+    hd = w // num_heads
+    q, k, v = (t.reshape(n, num_heads, hd).transpose(0, 1) for t in (q, k, v))
+    scores = (q @ k.transpose(1, 2)) / math.sqrt(hd)
+    if causal:
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    p = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return (p @ v).transpose(0, 1).reshape(n, w)
+
+
+def sliced_attention(x, cu_seqlens, widths, w_qkv, b_qkv, w_o, b_o, num_heads,
+                     causal=True):
+    D = x.shape[1]
+    rows = []
+    for b, (s, e) in enumerate(_segments(cu_seqlens)):
+        w = int(widths[b])
+        xb = x[s:e, :w]
+        q, k, v = (xb @ w_qkv[i, :w, :w].T + b_qkv[i, :w] for i in range(3))
+        ctx = attention_core(q, k, v, num_heads, causal)
+        rows.append(_pad_cols(ctx @ w_o[:w, :w].T + b_o[:w], D))
+    return _stack_rows(rows, x, D)
+
+
+def sliced_ffn(x, cu_seqlens, widths, w1, b1, w2, b2, ratio=4):
+    D = x.shape[1]
+    rows = []
+    for b, (s, e) in enumerate(_segments(cu_seqlens)):
+        w = int(widths[b])
+        r = ratio * w
+        h = F.gelu(x[s:e, :w] @ w1[:r, :w].T + b1[:r])
+        rows.append(_pad_cols(h @ w2[:w, :r].T + b2[:w], D))
+    return _stack_rows(rows, x, D)
+
+
+def sliced_add_layernorm(x, residual, cu_seqlens, widths, weight, bias,
+                         eps=1e-5):
+    D = x.shape[1]
+    rows = []
+    for b, (s, e) in enumerate(_segments(cu_seqlens)):
+        w = int(widths[b])
+        h = x[s:e, :w] + residual[s:e, :w]
+        y = F.layer_norm(h.float(), (w,), weight[:w].float(), bias[:w].float(),
+                         eps).to(x.dtype)
+        rows.append(_pad_cols(y, D))
+    return _stack_rows(rows, x, D)

@@ -1,0 +1,133 @@
+// Every canet op schema, in one place. Backends only add TORCH_LIBRARY_IMPL.
+//
+// Layout shared by all ops: a batch of B samples is packed varlen, x[T, D]
+// holds the tokens of sample b in rows cu_seqlens[b] .. cu_seqlens[b+1].
+// Sample b runs at its own width widths[b] <= D: it reads x[:, :w_b], uses
+// the leading block W[:out, :in] of every shared weight, and its output is
+// zero beyond its width. Heads split the leading w_b features: head i owns
+// features [i*w_b/h, (i+1)*w_b/h).
+//
+// Ops with saved activations come as `<op>_fwd` (returns the output plus what
+// backward needs) and `<op>_backward`; the public `<op>` returns only the
+// output and is CompositeImplicitAutograd over `<op>_fwd`, so autograd and
+// torch.compile see the fwd/backward pair.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+namespace canet {
+
+namespace {
+
+at::Tensor sliced_attention(const at::Tensor& x, const at::Tensor& cu_seqlens,
+                            const at::Tensor& widths, const at::Tensor& w_qkv,
+                            const at::Tensor& b_qkv, const at::Tensor& w_o,
+                            const at::Tensor& b_o, int64_t num_heads,
+                            bool causal) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("canet::sliced_attention_fwd", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor,
+                                         at::Tensor>(
+                           const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, int64_t, bool)>();
+  return std::get<0>(op.call(x, cu_seqlens, widths, w_qkv, b_qkv, w_o, b_o,
+                             num_heads, causal));
+}
+
+at::Tensor sliced_ffn(const at::Tensor& x, const at::Tensor& cu_seqlens,
+                      const at::Tensor& widths, const at::Tensor& w1,
+                      const at::Tensor& b1, const at::Tensor& w2,
+                      const at::Tensor& b2, int64_t ratio) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("canet::sliced_ffn_fwd", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, int64_t)>();
+  return std::get<0>(op.call(x, cu_seqlens, widths, w1, b1, w2, b2, ratio));
+}
+
+at::Tensor sliced_add_layernorm(const at::Tensor& x, const at::Tensor& residual,
+                                const at::Tensor& cu_seqlens,
+                                const at::Tensor& widths,
+                                const at::Tensor& weight,
+                                const at::Tensor& bias, double eps) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("canet::sliced_add_layernorm_fwd", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              double)>();
+  return std::get<0>(
+      op.call(x, residual, cu_seqlens, widths, weight, bias, eps));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(canet, m) {
+  // y[t, :o_b] = x[t, :i_b] @ weight[:o_b, :i_b]^T + bias[:o_b]; zero beyond o_b.
+  m.def(
+      "sliced_linear(Tensor x, Tensor cu_seqlens, Tensor in_widths, "
+      "Tensor out_widths, Tensor weight, Tensor? bias) -> Tensor");
+  m.def(
+      "sliced_linear_backward(Tensor grad_out, Tensor x, Tensor cu_seqlens, "
+      "Tensor in_widths, Tensor out_widths, Tensor weight, bool has_bias) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+
+  // Self-attention sublayer: Q/K/V = x[:, :w] @ w_qkv[i, :w, :w]^T + b_qkv[i, :w],
+  // softmax over the sample's own tokens (scale 1/sqrt(w/h)), then w_o.
+  // qkv[T, 3, D] and ctx[T, D] (pre-projection) and lse[T, H] are saved.
+  m.def(
+      "sliced_attention(Tensor x, Tensor cu_seqlens, Tensor widths, "
+      "Tensor w_qkv, Tensor b_qkv, Tensor w_o, Tensor b_o, int num_heads, "
+      "bool causal=True) -> Tensor");
+  m.def(
+      "sliced_attention_fwd(Tensor x, Tensor cu_seqlens, Tensor widths, "
+      "Tensor w_qkv, Tensor b_qkv, Tensor w_o, Tensor b_o, int num_heads, "
+      "bool causal=True) -> (Tensor out, Tensor qkv, Tensor ctx, Tensor lse)");
+  m.def(
+      "sliced_attention_backward(Tensor grad_out, Tensor x, Tensor cu_seqlens, "
+      "Tensor widths, Tensor w_qkv, Tensor w_o, Tensor qkv, Tensor ctx, "
+      "Tensor lse, int num_heads, bool causal) -> (Tensor grad_x, "
+      "Tensor grad_w_qkv, Tensor grad_b_qkv, Tensor grad_w_o, Tensor grad_b_o)");
+
+  // FFN sublayer: gelu(x[:, :w] @ w1[:r*w, :w]^T + b1[:r*w]) @ w2[:w, :r*w]^T + b2[:w].
+  // The pre-activation hidden[T, w1.size(0)] is saved.
+  m.def(
+      "sliced_ffn(Tensor x, Tensor cu_seqlens, Tensor widths, Tensor w1, "
+      "Tensor b1, Tensor w2, Tensor b2, int ratio=4) -> Tensor");
+  m.def(
+      "sliced_ffn_fwd(Tensor x, Tensor cu_seqlens, Tensor widths, Tensor w1, "
+      "Tensor b1, Tensor w2, Tensor b2, int ratio=4) -> (Tensor out, "
+      "Tensor hidden)");
+  m.def(
+      "sliced_ffn_backward(Tensor grad_out, Tensor x, Tensor cu_seqlens, "
+      "Tensor widths, Tensor w1, Tensor w2, Tensor hidden, int ratio) -> "
+      "(Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, "
+      "Tensor grad_b2)");
+
+  // LayerNorm(x + residual) over each token's first w features, zero beyond.
+  m.def(
+      "sliced_add_layernorm(Tensor x, Tensor residual, Tensor cu_seqlens, "
+      "Tensor widths, Tensor weight, Tensor bias, float eps=1e-5) -> Tensor");
+  m.def(
+      "sliced_add_layernorm_fwd(Tensor x, Tensor residual, Tensor cu_seqlens, "
+      "Tensor widths, Tensor weight, Tensor bias, float eps=1e-5) -> "
+      "(Tensor out, Tensor mean, Tensor rstd)");
+  m.def(
+      "sliced_add_layernorm_backward(Tensor grad_out, Tensor x, "
+      "Tensor residual, Tensor cu_seqlens, Tensor widths, Tensor weight, "
+      "Tensor mean, Tensor rstd) -> (Tensor grad_input, Tensor grad_weight, "
+      "Tensor grad_bias)");
+}
+
+TORCH_LIBRARY_IMPL(canet, CompositeImplicitAutograd, m) {
+  m.impl("sliced_attention", TORCH_FN(sliced_attention));
+  m.impl("sliced_ffn", TORCH_FN(sliced_ffn));
+  m.impl("sliced_add_layernorm", TORCH_FN(sliced_add_layernorm));
+}
+
+}  // namespace canet

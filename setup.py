@@ -1,0 +1,96 @@
+"""Builds canet's op library (canet_kernels._C).
+
+Switches (environment variables):
+  CANET_NO_CUDA=1         skip csrc/cuda even when a CUDA toolkit and a CUDA
+                          build of torch are present
+  CANET_CUDA_ARCHS="9.0"  CUDA archs to compile for (default "8.0;9.0+PTX";
+                          TORCH_CUDA_ARCH_LIST is honoured when set)
+  CANET_NATIVE=0          do not tune the CPU kernels for this machine's CPU
+                          (-march=native), for binaries that move elsewhere
+  CANET_DEBUG=1           -O0 -g
+  MAX_JOBS=N              parallel compile jobs (torch's switch)
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+# torch guesses CUDA_HOME from the nvcc on PATH; a wrapper in /usr/local/bin
+# makes that /usr/local. Prefer the real toolkit folder when there is one.
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def flag(name, default="0"):
+    return os.environ.get(name, default) == "1"
+
+
+def cuda_reason():
+    """None when csrc/cuda can be built, else why not."""
+    if flag("CANET_NO_CUDA"):
+        return "CANET_NO_CUDA=1"
+    if torch.version.cuda is None:
+        return "torch is a CPU build"
+    home = cpp_extension.CUDA_HOME
+    if not home or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return "no CUDA toolkit (nvcc) found; set CUDA_HOME"
+    return None
+
+
+def nvidia_wheel_includes():
+    """CUDA library headers (cusparse.h, ...) shipped in torch's nvidia-* wheels."""
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")) +
+                  glob.glob(os.path.join(site, "nvidia", "*", "*", "include")))
+
+
+def extensions():
+    debug = flag("CANET_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = opt + ["-fopenmp-simd"]
+    if os.environ.get("CANET_NATIVE", "1") == "1" and not debug:
+        cxx.append("-march=native")
+    sources = ["csrc/registration.cpp", "csrc/python_module.cpp"]
+    sources += sorted(glob.glob("csrc/cpu/*.cpp"))
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")],
+                  extra_compile_args={"cxx": cxx})
+    reason = cuda_reason()
+    if reason is None:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST",
+                              os.environ.get("CANET_CUDA_ARCHS", "8.0;9.0+PTX"))
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        kwargs["include_dirs"] += nvidia_wheel_includes()
+        kwargs["extra_compile_args"]["nvcc"] = opt + ["-lineinfo"]
+        kwargs["define_macros"] = [("CANET_WITH_CUDA", "1")]
+        print(f"canet: building CPU + CUDA kernels for archs "
+              f"{os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
+        ext = cpp_extension.CUDAExtension
+    else:
+        print(f"canet: building CPU kernels only ({reason})", file=sys.stderr)
+        ext = cpp_extension.CppExtension
+    return [ext("canet_kernels._C", sources, **kwargs)]
+
+
+setup(
+    name="canet",
+    version="0.1.0",
+    description="Kernels for per-user routed sequential recommenders",
+    packages=find_packages(include=["canet_kernels", "canet_kernels.*"]) +
+    ["canet_kernels.triton"],
+    package_dir={"canet_kernels.triton": "triton_kernels"},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(
+        use_ninja=shutil.which("ninja") is not None)},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.6", "numpy", "safetensors", "tqdm"],
+    extras_require={"triton": ["triton"],
+                    "test": ["pytest", "pytest-benchmark", "matplotlib"]},
+    entry_points={"console_scripts": ["canet=canet_kernels.cli:main"]},
+)
