@@ -6,6 +6,8 @@ The schemas live in csrc/registration.cpp; backends register kernels for the
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _library
@@ -165,3 +167,20 @@ def _ln_backward(ctx, grad_out, _gm, _gr):
 
 torch.library.register_autograd("canet::sliced_add_layernorm_fwd", _ln_backward,
                                 setup_context=_ln_setup)
+
+
+# --------------------------------------------------------------- backends --
+# CUDA tensors: a CUDA C++ kernel where csrc/cuda has one, Triton for the rest;
+# CANET_BACKEND=triton routes every op on CUDA tensors to Triton.
+
+def _register_triton():
+    if not torch.cuda.is_available():
+        return
+    try:
+        from .triton import register
+    except ImportError:  # triton missing: `python -m canet_kernels.info` says so
+        return
+    register(force=os.environ.get("CANET_BACKEND", "") == "triton")
+
+
+_register_triton()

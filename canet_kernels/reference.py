@@ -23,6 +23,11 @@ def _pad_cols(y, width):
     return F.pad(y, (0, width - y.shape[-1]))
 
 
+def _acc(t):
+    """fp32 for 16-bit inputs, else the input's own precision."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def _stack_rows(rows, like, width):
     if not rows:
         return like.new_zeros(0, width)
@@ -49,7 +54,7 @@ def attention_core(q, k, v, num_heads, causal):
     if causal:
         mask = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(mask, float("-inf"))
-    p = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    p = torch.softmax(scores.to(_acc(scores)), dim=-1).to(v.dtype)
     return (p @ v).transpose(0, 1).reshape(n, w)
 
 
@@ -84,7 +89,8 @@ def sliced_add_layernorm(x, residual, cu_seqlens, widths, weight, bias,
     for b, (s, e) in enumerate(_segments(cu_seqlens)):
         w = int(widths[b])
         h = x[s:e, :w] + residual[s:e, :w]
-        y = F.layer_norm(h.float(), (w,), weight[:w].float(), bias[:w].float(),
+        acc = _acc(h)
+        y = F.layer_norm(h.to(acc), (w,), weight[:w].to(acc), bias[:w].to(acc),
                          eps).to(x.dtype)
         rows.append(_pad_cols(y, D))
     return _stack_rows(rows, x, D)
