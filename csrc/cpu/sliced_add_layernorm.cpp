@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
   const auto weight = weight_.contiguous(), bias = bias_.contiguous();
   const int64_t T = x.size(0), D = x.size(1);
   const auto tw = token_widths(r, T);
-  auto out = at::zeros_like(x);
+  auto out = at::empty_like(x);
   const auto stat = x.options().dtype(acc_type(x.scalar_type()));
   auto mean = at::zeros({T}, stat), rstd = at::zeros({T}, stat);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
@@ -68,6 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
         scalar_t* o = po + t * D;
         for (int64_t f = 0; f < w; ++f)
           o[f] = scalar_t((s[f] - mu) * rs * acc_t(pw[f]) + acc_t(pb[f]));
+        for (int64_t f = w; f < D; ++f) o[f] = scalar_t(0);
         pm[t] = mu;
         ps[t] = rs;
       }
@@ -91,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
                     "canet.sliced_add_layernorm_backward: mean and rstd must have shape [", T, "]");
   const auto mean = mean_.to(stat_t).contiguous(), rstd = rstd_.to(stat_t).contiguous();
   const auto tw = token_widths(r, T);
-  auto grad_in = at::zeros_like(x);
+  auto grad_in = at::empty_like(x);
   const int64_t chunks = (T + kChunkRows - 1) / kChunkRows;
   auto part_w = at::zeros({std::max<int64_t>(chunks, 1), D}, x.options().dtype(stat_t));
   auto part_b = at::zeros_like(part_w);
@@ -125,6 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
           scalar_t* o = pg + t * D;
           for (int64_t f = 0; f < w; ++f)
             o[f] = scalar_t(ps[t] * (g[f] - sg - xhat[f] * sgx));
+          for (int64_t f = w; f < D; ++f) o[f] = scalar_t(0);
         }
       }
     });

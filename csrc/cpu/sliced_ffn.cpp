@@ -33,13 +33,16 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(
   check_like(b1, x_, kOp, "b1", {w1_.size(0)});
   check_like(b2, x_, kOp, "b2", {x_.size(1)});
   const auto x = x_.contiguous(), w1 = w1_.contiguous(), w2 = w2_.contiguous();
+  // Zero-filled up front (cheaper than zeroing strided tails of fresh memory).
   auto hidden = at::zeros({x.size(0), w1.size(0)}, x.options());
   auto out = at::zeros_like(x);
   for (const Run& r : runs) {
     const int64_t w = r.in_w, inner = ratio * w;
-    auto h = block(hidden, r, 0, inner);
-    addmm_into(h, b1.slice(0, 0, inner), block(x, r, 0, w),
-               w1.slice(0, 0, inner).slice(1, 0, w).t());
+    // A contiguous pre-activation keeps GELU and the second GEMM on dense
+    // memory; the copy into `hidden` (saved for backward) is cheap beside it.
+    auto h = at::addmm(b1.slice(0, 0, inner), block(x, r, 0, w),
+                       w1.slice(0, 0, inner).slice(1, 0, w).t());
+    block(hidden, r, 0, inner).copy_(h);
     addmm_into(block(out, r, 0, w), b2.slice(0, 0, w), at::gelu(h),
                w2.slice(0, 0, w).slice(1, 0, inner).t());
   }
