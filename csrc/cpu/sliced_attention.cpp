@@ -86,9 +86,11 @@ struct Head {
 
   void reset(const Task& t, bool backward) {
     n = t.n, hd = t.hd, np = round_up(n), hp = round_up(hd);
-    for (auto* b : {&q, &k, &v, &o}) b->assign(n * hp, acc_t(0));
+    // q and o hold np rows (whole query tiles), p a tile of score rows.
+    for (auto* b : {&q, &o}) b->assign(np * hp, acc_t(0));
+    for (auto* b : {&k, &v}) b->assign(n * hp, acc_t(0));
     kt.assign(hd * np, acc_t(0));
-    p.assign(np, acc_t(0));
+    p.assign(4 * np, acc_t(0));
     if (backward) {
       for (auto* b : {&dout, &dq, &dk, &dv}) b->assign(n * hp, acc_t(0));
       vt.assign(hd * np, acc_t(0));
@@ -132,6 +134,15 @@ struct Head {
   }
 };
 
+// s[j] = exp(s[j] - m) for the lim visible keys, 0 for the padding up to le.
+// Kept as a plain map so it vectorizes.
+template <typename acc_t>
+void softmax_numerators(acc_t* s, int64_t lim, int64_t le, acc_t m) {
+#pragma omp simd
+  for (int64_t j = 0; j < le; ++j) s[j] = exp_nonpos(std::min(s[j] - m, acc_t(0)));
+  for (int64_t j = lim; j < le; ++j) s[j] = 0;
+}
+
 // Keys a query sees: lim real ones, le = lim rounded up to a whole vector.
 inline void key_range(int64_t i, int64_t n, int64_t np, bool causal,
                       int64_t& lim, int64_t& le) {
@@ -139,10 +150,27 @@ inline void key_range(int64_t i, int64_t n, int64_t np, bool causal,
   le = std::min(round_up(lim), np);
 }
 
+// A register tile of kRows queries: each K^T / V load feeds kRows FMAs.
+constexpr int64_t kRows = 4;
+
+template <typename T>
+struct Vec {
+  static constexpr int64_t kN = 32 / sizeof(T);  // one 256-bit register
+  typedef T type __attribute__((vector_size(32)));
+  static type load(const T* p) {
+    type v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static void store(T* p, type v) { std::memcpy(p, &v, sizeof(v)); }
+};
+
 template <typename scalar_t>
 void attention_fwd(const at::Tensor& qkv, at::Tensor& ctx, at::Tensor& lse,
                    const std::vector<Task>& tasks, int64_t H, bool causal) {
   using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec<acc_t>;
+  using vec = typename V::type;
   const int64_t D = ctx.size(1);
   const scalar_t* pqkv = qkv.data_ptr<scalar_t>();
   scalar_t* pctx = ctx.data_ptr<scalar_t>();
@@ -156,32 +184,49 @@ void attention_fwd(const at::Tensor& qkv, at::Tensor& ctx, at::Tensor& lse,
       h.load(pqkv + D, 3 * D, task, h.k, &h.kt);
       h.load(pqkv + 2 * D, 3 * D, task, h.v);
       const acc_t scale = acc_t(1) / std::sqrt(acc_t(h.hd));
-      const int64_t hp = h.hp;
-      acc_t* s = h.p.data();
-      for (int64_t i = 0; i < h.n; ++i) {
-        int64_t lim, le;
-        key_range(i, h.n, h.np, causal, lim, le);
-        h.dots(&h.q[i * hp], h.kt, le, scale, s);
-        acc_t m = -std::numeric_limits<acc_t>::infinity();
-        for (int64_t j = 0; j < lim; ++j) m = std::max(m, s[j]);
-        acc_t sum = 0;
+      const int64_t n = h.n, np = h.np, hp = h.hp, hd = h.hd;
+      acc_t* S = h.p.data();  // kRows x np scores, then probabilities
+      for (int64_t i0 = 0; i0 < n; i0 += kRows) {
+        const int64_t rows = std::min(kRows, n - i0);
+        // Keys the tile needs: up to the last row's causal limit.
+        const int64_t lim_blk = causal ? i0 + rows : n;
+        const int64_t le_blk = std::min(round_up(lim_blk), np);
+        for (int64_t j = 0; j < le_blk; j += V::kN) {
+          vec acc[kRows] = {};
+          for (int64_t c = 0; c < hd; ++c) {
+            const vec kv = V::load(&h.kt[c * np + j]);
+#pragma GCC unroll 4
+            for (int64_t r = 0; r < kRows; ++r) acc[r] += kv * h.q[(i0 + r) * hp + c];
+          }
+#pragma GCC unroll 4
+          for (int64_t r = 0; r < kRows; ++r) V::store(&S[r * np + j], acc[r] * scale);
+        }
+        acc_t inv[kRows];
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t* s = S + r * np;
+          const int64_t lim = causal ? i0 + r + 1 : n;
+          acc_t m = -std::numeric_limits<acc_t>::infinity();
+          for (int64_t j = 0; j < lim; ++j) m = std::max(m, s[j]);
+          softmax_numerators(s, lim, le_blk, m);
+          acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < le; ++j) {
-          const acc_t e = exp_nonpos(std::min(s[j] - m, acc_t(0)));
-          s[j] = j < lim ? e : acc_t(0);
-          sum += s[j];
+          for (int64_t j = 0; j < le_blk; ++j) sum += s[j];
+          inv[r] = acc_t(1) / sum;
+          plse[(task.row0 + i0 + r) * H + task.head] = m + std::log(sum);
         }
-        acc_t* o = &h.o[i * hp];
-        for (int64_t j = 0; j < lim; ++j) {
-          const acc_t pj = s[j];
-          const acc_t* vr = &h.v[j * hp];
-#pragma omp simd
-          for (int64_t c = 0; c < hp; ++c) o[c] += pj * vr[c];
+        for (int64_t r = rows; r < kRows; ++r) {  // padding rows of the tile
+          std::fill(S + r * np, S + r * np + le_blk, acc_t(0));
+          inv[r] = 0;
         }
-        const acc_t inv = acc_t(1) / sum;
-#pragma omp simd
-        for (int64_t c = 0; c < hp; ++c) o[c] *= inv;
-        plse[(task.row0 + i) * H + task.head] = m + std::log(sum);
+        for (int64_t c = 0; c < hp; c += V::kN) {
+          vec acc[kRows] = {};
+          for (int64_t j = 0; j < lim_blk; ++j) {
+            const vec vv = V::load(&h.v[j * hp + c]);
+#pragma GCC unroll 4
+            for (int64_t r = 0; r < kRows; ++r) acc[r] += vv * S[r * np + j];
+          }
+          for (int64_t r = 0; r < rows; ++r) V::store(&h.o[(i0 + r) * hp + c], acc[r] * inv[r]);
+        }
       }
       h.store(pctx, D, task, h.o);
     }
@@ -223,9 +268,7 @@ void attention_bwd(const at::Tensor& qkv, const at::Tensor& ctx,
         const acc_t l = plse[(task.row0 + i) * H + task.head];
         const acc_t *qi = &h.q[i * hp], *doi = &h.dout[i * hp];
         h.dots(qi, h.kt, le, scale, p);
-#pragma omp simd
-        for (int64_t j = 0; j < le; ++j)
-          p[j] = j < lim ? exp_nonpos(std::min(p[j] - l, acc_t(0))) : acc_t(0);
+        softmax_numerators(p, lim, le, l);
         h.dots(doi, h.vt, le, acc_t(1), dp);
         acc_t* dq = &h.dq[i * hp];
         for (int64_t j = 0; j < lim; ++j) {
