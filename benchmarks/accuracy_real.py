@@ -1,0 +1,129 @@
+"""Accuracy and compute of CANet vs the dense max-size model on real data.
+
+Beauty and LastFM (S3Rec preprocessing, ../shared/data), leave-one-out,
+full ranking over all items, max length 50. The dense baseline is the same
+code with every route fixed to the max; CANet trains the router with the
+FLOP budget. Targets: CANet NDCG@10 >= 0.99 x dense with >= 55% fewer
+routed FLOPs.
+
+    python benchmarks/accuracy_real.py --epochs 60
+    python benchmarks/accuracy_real.py --datasets LastFM --epochs 1 --limit-users 200  # smoke
+
+Not part of CI: a full run needs hours on 2 CPU cores (a GPU is better).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from canet_kernels import data as D  # noqa: E402
+from canet_kernels.cli import route_table  # noqa: E402
+from canet_kernels.metrics import format_metrics  # noqa: E402
+from canet_kernels.model import CANetConfig  # noqa: E402
+from canet_kernels.train import TrainConfig, protocol, time_inference, train  # noqa: E402
+
+
+def ints(s):
+    return tuple(int(v) for v in s.split(",") if v)
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "data"))
+    p.add_argument("--datasets", nargs="+", default=["Beauty", "LastFM"])
+    p.add_argument("--max-len", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--emb-widths", type=ints, default=(64, 96, 128))
+    p.add_argument("--hidden-widths", type=ints, default=(64, 96, 128))
+    p.add_argument("--depths", type=ints, default=(2, 4, 6, 8))
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--flop-target", type=float, default=0.40,
+                   help="router's FLOP budget (below the 0.45 goal for slack)")
+    p.add_argument("--budget-weight", type=float, default=1.0)
+    p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=1)
+    p.add_argument("--no-mask-seen", action="store_true",
+                   help="rank seen items too (default: seen items masked)")
+    p.add_argument("--windows", action="store_true",
+                   help="cut long training histories into several examples")
+    p.add_argument("--limit-users", type=int, default=None, help="first N users (smoke runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-dense", action="store_true")
+    p.add_argument("--run-dir", default=os.path.join(ROOT, "runs", "accuracy_real"))
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "accuracy_real.json"))
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    return p.parse_args()
+
+
+def main():
+    a = parse()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    report = {"settings": vars(a), "datasets": {}}
+    for name in a.datasets:
+        ds = D.read_file(os.path.join(a.data_dir, f"{name}.txt"), "users")
+        if a.limit_users:
+            ds.sequences, ds.users = ds.sequences[:a.limit_users], ds.users[:a.limit_users]
+        print(ds.summary())
+        split = D.leave_one_out(ds, a.max_len, windows=a.windows)
+        mcfg = CANetConfig(n_items=ds.n_items, max_len=a.max_len, emb_widths=a.emb_widths,
+                           hidden_widths=a.hidden_widths, depths=a.depths,
+                           num_heads=a.heads, dropout=a.dropout,
+                           flop_target=a.flop_target, budget_weight=a.budget_weight)
+        runs = {}
+        for kind in (("canet",) if a.skip_dense else ("dense", "canet")):
+            tcfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                               seed=a.seed, patience=a.patience, eval_every=a.eval_every,
+                               mask_seen=not a.no_mask_seen, progress=not a.no_progress,
+                               fixed_route=mcfg.max_route if kind == "dense" else None)
+            out = os.path.join(a.run_dir, name, kind)
+            resume = a.resume and os.path.exists(os.path.join(out, "last.safetensors"))
+            print(f"--- {name}: {kind}")
+            t0 = time.perf_counter()
+            model, res = train(mcfg, tcfg, split, out, ds.source, resume=resume)
+            wall = time.perf_counter() - t0
+            route = "max" if kind == "dense" else None
+            res["inference_seconds_test"] = time_inference(model, split.test, route,
+                                                           repeats=1)
+            res["wall_seconds"] = wall
+            runs[kind] = res
+            print(f"{kind}: test {format_metrics(res['test'])}  FLOP ratio "
+                  f"{res['test']['flop_ratio']:.3f}  training {res['train_seconds']:.0f}s "
+                  f"(best epoch {res['best_epoch']})")
+            if kind == "canet":
+                print(route_table(mcfg, res["test"]["route_counts"]))
+        entry = {"protocol": protocol(tcfg) + f", max length {a.max_len}",
+                 "users": len(ds.sequences), "items": ds.n_items, **runs}
+        if "dense" in runs:
+            dn, cn = runs["dense"]["test"], runs["canet"]["test"]
+            ratio = cn["ndcg@10"] / dn["ndcg@10"] if dn["ndcg@10"] > 0 else float("nan")
+            saved = 1 - cn["flop_ratio"]
+            entry["ndcg10_ratio"] = ratio
+            entry["flops_saved"] = saved
+            entry["meets_target"] = bool(ratio >= 0.99 and saved >= 0.55)
+            print(f"{name} [{entry['protocol']}]")
+            print(f"  dense NDCG@10 {dn['ndcg@10']:.4f}  CANet NDCG@10 {cn['ndcg@10']:.4f} "
+                  f"(x{ratio:.3f}, target >= 0.99); routed FLOPs {saved:.1%} fewer "
+                  f"(target >= 55%) -> {'met' if entry['meets_target'] else 'NOT met'}")
+        report["datasets"][name] = entry
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Model configuration, the route table and the analytic FLOP count."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class CANetConfig:
+    n_items: int                       # item ids are 1..n_items, 0 is padding
+    max_len: int = 50
+    emb_widths: tuple = (64, 96, 128)
+    hidden_widths: tuple = (64, 96, 128)
+    depths: tuple = (2, 4, 6, 8)
+    num_heads: int = 4
+    ffn_ratio: int = 4
+    dropout: float = 0.2
+    ln_eps: float = 1e-5
+    # router: a 1-layer transformer over the sequence
+    router_width: int = 32
+    router_heads: int = 4
+    router_ffn: int = 128
+    tau: float = 1.0                   # Gumbel-softmax temperature
+    # loss weights
+    guide_weight: float = 0.01
+    uniform_weight: float = 0.01
+    guide_topk: int = 10
+    # compute budget: target mean FLOP ratio (routed / max route); None = off
+    flop_target: float | None = 0.45
+    budget_weight: float = 1.0
+
+    def __post_init__(self):
+        self.emb_widths = tuple(sorted(int(v) for v in self.emb_widths))
+        self.hidden_widths = tuple(sorted(int(v) for v in self.hidden_widths))
+        self.depths = tuple(sorted(int(v) for v in self.depths))
+        if self.n_items < 1:
+            raise ValueError(f"n_items must be >= 1, got {self.n_items}")
+        for d in self.hidden_widths:
+            if d % self.num_heads:
+                raise ValueError(f"hidden width {d} is not divisible by "
+                                 f"num_heads={self.num_heads}")
+        if self.router_width % self.router_heads:
+            raise ValueError("router_width must be divisible by router_heads")
+        if min(self.depths) < 1:
+            raise ValueError("depths must be >= 1")
+        if self.flop_target is not None and not 0 < self.flop_target <= 1:
+            raise ValueError(f"flop_target must be in (0, 1], got {self.flop_target}")
+
+    # -- routes --------------------------------------------------------------
+    @property
+    def E(self) -> int:
+        return max(self.emb_widths)
+
+    @property
+    def D(self) -> int:
+        return max(self.hidden_widths)
+
+    @property
+    def L(self) -> int:
+        return max(self.depths)
+
+    def routes(self) -> list[tuple[int, int, int]]:
+        """Route id -> (embedding width, hidden width, depth); id 0 is the
+        smallest sub-network and the last id the full one."""
+        return list(itertools.product(self.emb_widths, self.hidden_widths,
+                                      self.depths))
+
+    @property
+    def num_routes(self) -> int:
+        return len(self.emb_widths) * len(self.hidden_widths) * len(self.depths)
+
+    @property
+    def max_route(self) -> int:
+        return self.num_routes - 1
+
+    def route_flops(self, seq_len: int | None = None) -> list[float]:
+        """Inference FLOPs (multiply-add = 2) of one sequence of `seq_len`
+        tokens (default max_len) on each route: projection, attention
+        (QKV, causal scores and mix, output), FFN, and full-ranking scores of
+        the last position. Embedding look-ups, LayerNorm and GELU are left
+        out (linear in width, small)."""
+        n = self.max_len if seq_len is None else seq_len
+        r = self.ffn_ratio
+        out = []
+        for e, d, depth in self.routes():
+            per_token = 2 * e * d + depth * (8 * d * d + 4 * r * d * d)
+            attention = depth * 2 * 2 * d * n * (n + 1) / 2
+            scores = 2 * d * (self.n_items + 1)
+            out.append(n * per_token + attention + scores)
+        return out
+
+    def route_flop_ratios(self, seq_len: int | None = None) -> list[float]:
+        f = self.route_flops(seq_len)
+        return [v / f[-1] for v in f]
+
+    def router_flops(self, seq_len: int | None = None) -> float:
+        """FLOPs of the router on one sequence: keys and values of every
+        position, then one query, attention, output and FFN for the last."""
+        n = self.max_len if seq_len is None else seq_len
+        w, f = self.router_width, self.router_ffn
+        return n * 4 * w * w + 4 * w * w + 4 * w * n + 4 * w * f + 2 * w * self.num_routes
+
+    # -- (de)serialisation ---------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("emb_widths", "hidden_widths", "depths"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CANetConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown CANetConfig fields: {sorted(unknown)}")
+        return cls(**d)

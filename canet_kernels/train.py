@@ -1,0 +1,344 @@
+"""Training, evaluation and checkpoints.
+
+A run directory holds
+  config.json          model, training and data configuration
+  best.safetensors     weights of the best validation epoch
+  last.safetensors     weights, optimizer state and RNG states of the last
+                       finished epoch (for --resume)
+  state.json           epoch, best validation result, history
+  results.json         validation-selected result: best validation metrics
+                       and the test metrics, computed once at the end
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .data import EvalSet, Split, batches
+from .metrics import MetricAccumulator, full_ranking
+from .model import CANet, CANetConfig
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float | None = 5.0
+    seed: int = 0
+    path: str = "routed"             # "routed" (canet ops) or "masked" (paper)
+    fixed_route: int | None = None   # train one route only (max route = dense)
+    eval_every: int = 1
+    patience: int | None = None      # evaluations without improvement to stop
+    select_metric: str = "ndcg@10"
+    ks: tuple = (10, 20)
+    mask_seen: bool = False
+    eval_batch_size: int = 256
+    progress: bool = True
+
+    def to_dict(self):
+        d = asdict(self)
+        d["ks"] = list(d["ks"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        if "ks" in d:
+            d["ks"] = tuple(d["ks"])
+        return cls(**d)
+
+
+# Settings that may change on --resume without changing the run.
+_RESUMABLE = {"epochs", "progress", "patience", "eval_batch_size"}
+
+
+def set_seed(seed: int):
+    """Seeds Python, NumPy and torch; CPU runs with the same seed and thread
+    count give the same result."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------ evaluation --
+
+def _batch(es, idx):
+    lengths = es.lengths[idx]
+    L = max(int(lengths.max()), 1)
+    return es.items[idx, :L], lengths
+
+
+def _fixed(model, n, route):
+    if route is None:
+        return None
+    r = model.cfg.max_route if route == "max" else int(route)
+    return model.fixed_routes(n, r)
+
+
+@torch.no_grad()
+def evaluate(model: CANet, es: EvalSet, ks=(10, 20), mask_seen=False,
+             batch_size=256, route=None, path="routed", progress=False,
+             desc="eval"):
+    """Full-ranking metrics over all items for every user of `es`, plus the
+    route distribution ("route_counts") and the mean FLOP ratio of the
+    routes taken. `route`: None = the router's argmax, "max" = the dense
+    model, or a route id."""
+    was_training = model.training
+    model.eval()
+    acc = MetricAccumulator()
+    counts = torch.zeros(model.cfg.num_routes, dtype=torch.int64)
+    for idx in tqdm(batches(len(es), batch_size), desc=desc, leave=False,
+                    disable=not progress):
+        items, lengths = _batch(es, idx)
+        scores, routes = model(items, lengths, _fixed(model, len(idx), route), path)
+        seen = es.seen[idx] if mask_seen else None
+        acc.update(full_ranking(scores, es.targets[idx], ks, seen))
+        counts += torch.bincount(routes.cpu(), minlength=model.cfg.num_routes)
+    model.train(was_training)
+    res = acc.result()
+    res["flop_ratio"] = flop_ratio(model.cfg, counts)
+    res["route_counts"] = counts.tolist()
+    return res
+
+
+def flop_ratio(cfg: CANetConfig, counts) -> float:
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    ratios = torch.tensor(cfg.route_flop_ratios(), dtype=torch.float64)
+    return float((counts * ratios).sum() / counts.sum().clamp_min(1))
+
+
+@torch.no_grad()
+def route_distribution(model: CANet, es: EvalSet, batch_size=256):
+    """Router's argmax route per user [U]."""
+    model.eval()
+    out = []
+    for idx in batches(len(es), batch_size):
+        items, lengths = _batch(es, idx)
+        out.append(model.route(items, lengths).routes)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def time_inference(model: CANet, es: EvalSet, route=None, path="routed",
+                   batch_size=256, repeats=3, warmup=1):
+    """Best-of-`repeats` wall time (s) of scoring every user of `es`
+    (router included when route is None)."""
+    model.eval()
+    bs = [_batch(es, idx) for idx in batches(len(es), batch_size)]
+
+    def once():
+        for items, lengths in bs:
+            model(items, lengths, _fixed(model, items.shape[0], route), path)
+
+    for _ in range(warmup):
+        once()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        once()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+# ----------------------------------------------------------- checkpoints --
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _save(path, tensors):
+    tmp = path + ".tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def save_weights(path: str, model: CANet):
+    _save(path, model.state_dict())
+
+
+def write_config(out_dir, model_cfg: CANetConfig, tcfg: TrainConfig, data_source):
+    os.makedirs(out_dir, exist_ok=True)
+    _write_json(os.path.join(out_dir, "config.json"),
+                {"format": CHECKPOINT_FORMAT, "model": model_cfg.to_dict(),
+                 "train": tcfg.to_dict(), "data": data_source or {}})
+
+
+def read_config(out_dir) -> dict:
+    path = os.path.join(out_dir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint config at {path}")
+    with open(path) as f:
+        cfg = json.load(f)
+    if cfg.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: unsupported checkpoint format {cfg.get('format')}")
+    return cfg
+
+
+def load_model(out_dir, which="best") -> tuple[CANet, dict]:
+    """(model in eval mode, config dict) from a run directory."""
+    cfg = read_config(out_dir)
+    model = CANet(CANetConfig.from_dict(cfg["model"]))
+    path = os.path.join(out_dir, f"{which}.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no {which} weights at {path}")
+    state = load_file(path)
+    if which == "last":
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    return model.eval(), cfg
+
+
+def save_last(out_dir, model, opt, gen, state):
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    osd = opt.state_dict()
+    for i, st in osd["state"].items():
+        for k, v in st.items():
+            tensors[f"optim.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.shuffle"] = gen.get_state()
+    _save(os.path.join(out_dir, "last.safetensors"), tensors)
+    _write_json(os.path.join(out_dir, "state.json"),
+                dict(state, param_groups=osd["param_groups"]))
+
+
+def load_last(out_dir, model, opt, gen) -> dict:
+    tensors = load_file(os.path.join(out_dir, "last.safetensors"))
+    with open(os.path.join(out_dir, "state.json")) as f:
+        state = json.load(f)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ost: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            ost.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": ost, "param_groups": state.pop("param_groups")})
+    torch.set_rng_state(tensors["rng.torch"])
+    gen.set_state(tensors["rng.shuffle"])
+    return state
+
+
+# -------------------------------------------------------------- training --
+
+def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
+          data_source=None, resume=False, log=print):
+    """Trains from a seed (or resumes `out_dir`), selects the epoch on
+    validation, evaluates the test set once with the selected weights.
+    Returns (model with the selected weights, results dict)."""
+    if model_cfg.max_len < split.max_len:
+        raise ValueError(f"model max_len {model_cfg.max_len} < data max_len {split.max_len}")
+    if model_cfg.n_items < split.n_items:
+        raise ValueError(f"model n_items {model_cfg.n_items} < data n_items {split.n_items}")
+    set_seed(tcfg.seed)
+    model = CANet(model_cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    gen = torch.Generator().manual_seed(tcfg.seed)
+    state = {"epoch": 0, "best": None, "best_epoch": 0, "bad_evals": 0,
+             "history": [], "train_seconds": 0.0, "stopped": False}
+    if resume:
+        if out_dir is None or not os.path.exists(os.path.join(out_dir, "last.safetensors")):
+            raise FileNotFoundError(f"nothing to resume in {out_dir}")
+        old = read_config(out_dir)
+        if old["model"] != model_cfg.to_dict():
+            raise ValueError(f"{out_dir}: model config differs from the checkpoint's")
+        diff = {k for k, v in tcfg.to_dict().items()
+                if old["train"].get(k) != v and k not in _RESUMABLE}
+        if diff:
+            raise ValueError(f"{out_dir}: training settings {sorted(diff)} differ "
+                             "from the checkpoint's")
+        state = load_last(out_dir, model, opt, gen)
+        log(f"resumed {out_dir} after epoch {state['epoch']}")
+    if out_dir is not None:
+        write_config(out_dir, model_cfg, tcfg, data_source)
+
+    tr = split.train
+    sel = tcfg.select_metric
+    start_epoch = state["epoch"] + 1
+    for epoch in range(start_epoch, tcfg.epochs + 1):
+        if state["stopped"]:
+            break
+        model.train()
+        t0 = time.perf_counter()
+        sums: dict = {}
+        nb = 0
+        bar = tqdm(batches(len(tr), tcfg.batch_size, gen), desc=f"epoch {epoch}",
+                   leave=False, disable=not tcfg.progress)
+        for idx in bar:
+            lengths = tr.lengths[idx]
+            L = int(lengths.max())
+            routes = _fixed(model, len(idx), tcfg.fixed_route)
+            loss, st = model.loss(tr.items[idx, :L], lengths, tr.targets[idx, :L],
+                                  routes=routes, path=tcfg.path)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            opt.step()
+            for k, v in st.items():
+                sums[k] = sums.get(k, 0.0) + v
+            nb += 1
+            bar.set_postfix(loss=f"{st['loss']:.3f}", flops=f"{st['flop_ratio']:.2f}")
+        state["train_seconds"] += time.perf_counter() - t0
+        rec = {"epoch": epoch, **{k: v / max(nb, 1) for k, v in sums.items()}}
+        msg = f"epoch {epoch}: loss {rec.get('loss', float('nan')):.4f}"
+        if "ce" in rec:
+            msg += f" ce {rec['ce']:.4f} train flop ratio {rec['flop_ratio']:.3f}"
+        if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
+            val = evaluate(model, split.valid, tcfg.ks, tcfg.mask_seen,
+                           tcfg.eval_batch_size, route=tcfg.fixed_route, path=tcfg.path)
+            rec["valid"] = {k: v for k, v in val.items() if k != "route_counts"}
+            msg += f" | valid {sel} {val[sel]:.4f} flop ratio {val['flop_ratio']:.3f}"
+            if state["best"] is None or val[sel] > state["best"][sel]:
+                state["best"], state["best_epoch"], state["bad_evals"] = \
+                    rec["valid"], epoch, 0
+                msg += " *"
+                if out_dir is not None:
+                    save_weights(os.path.join(out_dir, "best.safetensors"), model)
+                else:
+                    best_state = {k: v.clone() for k, v in model.state_dict().items()}
+            else:
+                state["bad_evals"] += 1
+                if tcfg.patience is not None and state["bad_evals"] >= tcfg.patience:
+                    state["stopped"] = True
+                    msg += " (early stop)"
+        state["history"].append(rec)
+        state["epoch"] = epoch
+        log(msg)
+        if out_dir is not None:
+            save_last(out_dir, model, opt, gen, state)
+
+    # the selected weights, then the test set once
+    if out_dir is not None and os.path.exists(os.path.join(out_dir, "best.safetensors")):
+        model.load_state_dict(load_file(os.path.join(out_dir, "best.safetensors")))
+    elif out_dir is None and state["best"] is not None:
+        model.load_state_dict(best_state)
+    test = evaluate(model, split.test, tcfg.ks, tcfg.mask_seen, tcfg.eval_batch_size,
+                    route=tcfg.fixed_route, path=tcfg.path)
+    results = {"protocol": protocol(tcfg), "best_epoch": state["best_epoch"],
+               "epochs_run": state["epoch"], "train_seconds": state["train_seconds"],
+               "valid": state["best"], "test": test}
+    if out_dir is not None:
+        _write_json(os.path.join(out_dir, "results.json"), results)
+    return model.eval(), results
+
+
+def protocol(tcfg: TrainConfig) -> str:
+    seen = "seen items masked" if tcfg.mask_seen else "seen items not masked"
+    return (f"leave-one-out, full ranking over all items ({seen}), "
+            f"model selected on validation {tcfg.select_metric}, test evaluated once")
