@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# GPU check of canet on a bare CUDA machine (torch + triton installed, no
+# network), in under 8 minutes:
+#   1. build the package (CUDA sources too when nvcc is present)
+#   2. the test suite with the CUDA tests (tests/test_triton_gpu.py and others)
+#   3. benchmarks/bench_triton.py -> OUTDIR/triton.json
+#   4. the benchmark suite, when benchmarks/run.py exists
+# Each step has its own time limit inside one overall budget; a failing step
+# does not stop the later ones. Logs go to OUTDIR/<step>.log and a summary to
+# OUTDIR/summary.json.
+#
+# usage: benchmarks/gpu_check.sh OUTDIR
+set -u
+
+if [ $# -ne 1 ]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.."
+
+export CANET_CUDA_ARCHS="${CANET_CUDA_ARCHS:-9.0}"
+PY="${PYTHON:-python}"
+BUDGET=430          # seconds for all steps; kills and the summary need a few more
+START=$(date +%s)
+STEPS=""
+
+# step NAME MAX_SECONDS COMMAND...: runs COMMAND with min(MAX, time left).
+step() {
+    local name=$1 cap=$2
+    shift 2
+    local left=$(( BUDGET - ($(date +%s) - START) ))
+    local limit=$(( cap < left ? cap : left ))
+    local t0 rc
+    t0=$(date +%s)
+    if [ "$limit" -lt 5 ]; then
+        echo "== $name: skipped, out of time" | tee "$OUT/$name.log"
+        rc=124
+    else
+        echo "== $name (limit ${limit}s): $*"
+        timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+        rc=$?
+        tail -n 5 "$OUT/$name.log"
+    fi
+    local secs=$(( $(date +%s) - t0 ))
+    echo "== $name: exit $rc after ${secs}s"
+    STEPS="$STEPS$name $rc $secs $limit
+"
+    return 0
+}
+
+step build 200 "$PY" -m pip install -e . --no-build-isolation --no-deps
+step tests 200 "$PY" -m pytest tests -x -q -rs
+step bench_triton 150 "$PY" benchmarks/bench_triton.py --json "$OUT/triton.json"
+if [ -f benchmarks/run.py ]; then
+    step bench_suite 150 "$PY" -m benchmarks.run --device cuda --out "$OUT"
+fi
+
+STEPS="$STEPS" OUT="$OUT" "$PY" - <<'EOF'
+import json, os, subprocess
+
+steps = []
+for line in os.environ["STEPS"].strip().splitlines():
+    name, rc, secs, limit = line.split()
+    steps.append(dict(step=name, exit_code=int(rc), seconds=int(secs), limit_s=int(limit),
+                      timed_out=int(rc) in (124, 137), log=f"{name}.log"))
+summary = dict(ok=all(s["exit_code"] == 0 for s in steps), steps=steps)
+try:
+    import torch
+    summary["torch"] = torch.__version__
+    summary["cuda"] = torch.version.cuda
+    if torch.cuda.is_available():
+        summary["device"] = torch.cuda.get_device_name()
+    import triton
+    summary["triton"] = triton.__version__
+except Exception as exc:  # noqa: BLE001
+    summary["env_error"] = repr(exc)
+try:
+    summary["nvidia_smi"] = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+        capture_output=True, text=True, timeout=20).stdout.strip()
+except Exception:  # noqa: BLE001
+    pass
+tests_log = os.path.join(os.environ["OUT"], "tests.log")
+if os.path.exists(tests_log):
+    lines = [l for l in open(tests_log).read().splitlines() if l.strip()]
+    summary["tests_tail"] = lines[-3:]
+bench = os.path.join(os.environ["OUT"], "triton.json")
+if os.path.exists(bench):
+    res = json.load(open(bench)).get("results", {})
+    summary["triton_bench"] = {
+        k: {m: v[m] for m in ("routed_over_dense", "routed_flop_ratio",
+                              "graph_routed_over_dense", "meets_target") if m in v}
+        for k, v in res.items()}
+with open(os.path.join(os.environ["OUT"], "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+print(json.dumps(summary, indent=2))
+EOF

@@ -1,0 +1,175 @@
+"""The Triton kernels compiled on a CUDA device: every op through
+torch.ops.canet (what the dispatcher serves on CUDA tensors) and through the
+launchers (always Triton), forward and backward, bf16 and fp32, against the
+plain-PyTorch reference; launch counts that do not grow with the routes; a
+routed two-op sequence captured in a CUDA graph. Skipped without CUDA.
+"""
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+pytest.importorskip("triton")
+
+import canet_kernels  # noqa: E402, F401
+import canet_kernels.triton as kt  # noqa: E402
+from canet_kernels import reference  # noqa: E402
+
+if kt.INTERPRETED:
+    pytest.skip("canet_kernels.triton was imported with TRITON_INTERPRET=1",
+                allow_module_level=True)
+kt.register()
+
+DEV = "cuda"
+D, H, R = 128, 4, 4
+LENGTHS = [200, 37, 1, 0, 64, 129, 13, 50]
+WIDTHS = [128, 128, 96, 64, 96, 64, 40, 64]   # head dims 32, 24, 16 and 10
+op = torch.ops.canet
+
+
+def routes(lengths=LENGTHS, widths=WIDTHS):
+    lengths = torch.tensor(lengths)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    cu[1:] = torch.cumsum(lengths, 0)
+    return cu.to(DEV), torch.tensor(widths, dtype=torch.int32, device=DEV)
+
+
+def rand(*shape, scale=1.0, shift=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(DEV)
+
+
+def with_garbage(t, cu, widths):
+    t = t.clone()
+    for b in range(len(widths)):
+        t[int(cu[b]):int(cu[b + 1]), int(widths[b]):] = float("nan")
+    return t
+
+
+def case(name):
+    """(inputs that get gradients, canet fn, reference fn, output widths)."""
+    cu, w = routes()
+    T = int(cu[-1])
+    x = with_garbage(rand(T, D, seed=1), cu, w)
+    if name.startswith("attention"):
+        causal = name == "attention"
+        return ([x, rand(3, D, D, scale=D ** -0.5, seed=2), rand(3, D, scale=0.1, seed=3),
+                 rand(D, D, scale=D ** -0.5, seed=4), rand(D, scale=0.1, seed=5)],
+                lambda a, *p: op.sliced_attention(a, cu, w, *p, H, causal),
+                lambda a, *p: reference.sliced_attention(a, cu, w, *p, H, causal), w)
+    if name == "ffn":
+        return ([x, rand(R * D, D, scale=D ** -0.5, seed=2), rand(R * D, scale=0.1, seed=3),
+                 rand(D, R * D, scale=(R * D) ** -0.5, seed=4), rand(D, scale=0.1, seed=5)],
+                lambda a, *p: op.sliced_ffn(a, cu, w, *p, R),
+                lambda a, *p: reference.sliced_ffn(a, cu, w, *p, R), w)
+    if name == "add_layernorm":
+        return ([x, with_garbage(rand(T, D, seed=6), cu, w),
+                 rand(D, scale=0.1, shift=1.0, seed=7), rand(D, scale=0.1, seed=8)],
+                lambda a, r, *p: op.sliced_add_layernorm(a, r, cu, w, *p, 1e-5),
+                lambda a, r, *p: reference.sliced_add_layernorm(a, r, cu, w, *p, 1e-5), w)
+    ow = torch.tensor([64, 64, 128, 96, 32, 96, 24, 64], dtype=torch.int64, device=DEV)
+    return ([x, rand(D, D, scale=D ** -0.5, seed=2), rand(D, scale=0.1, seed=3)],
+            lambda a, *p: op.sliced_linear(a, cu, w, ow, *p),
+            lambda a, *p: reference.sliced_linear(a, cu, w, ow, *p), ow)
+
+
+def run(fn, inputs, dtype, grad_out):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    grads = torch.autograd.grad(y, leaves, grad_out.to(y.dtype))
+    return [y.detach()] + [g.detach() for g in grads]
+
+
+def err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("name", ["attention", "attention_noncausal", "ffn", "add_layernorm",
+                                  "linear"])
+def test_op_matches_reference(name, dtype):
+    inputs, fn, ref, out_w = case(name)
+    clean = [torch.nan_to_num(t) for t in inputs]
+    cu, _ = routes()
+    grad_out = rand(int(cu[-1]), D, seed=9)
+    want = run(ref, clean, torch.float64, grad_out)
+    # garbage beyond the output widths of grad_out must be ignored
+    got = run(fn, inputs, dtype, with_garbage(grad_out, cu, out_w))
+    if dtype == torch.bfloat16:  # at most 2x the bf16 reference's own error
+        low = run(ref, clean, dtype, grad_out)
+        tols = [2 * err(lo, wa) + 1e-2 * (1 + wa.abs().max().item())
+                for lo, wa in zip(low, want)]
+    else:
+        tols = [1e-3 * (1 + wa.abs().max().item()) for wa in want]
+    bad = [f"{i}: {err(g, wa):.3g} > {t:.3g}" for i, (g, wa, t) in enumerate(zip(got, want, tols))
+           if not err(g, wa) <= t]
+    assert not bad, f"{name} {dtype} (0 = output, then input gradients): " + "; ".join(bad)
+
+
+def test_launchers_match_the_dispatcher():
+    # torch.ops.canet may be served by a CUDA C++ kernel: the launchers are
+    # always Triton and must agree with the reference too
+    cu, w = routes()
+    inputs, _, ref, _ = case("ffn")
+    x, w1, b1, w2, b2 = (t.float() for t in inputs)
+    out, hidden = kt.sliced_ffn_fwd(x, cu, w, w1, b1, w2, b2, R)
+    torch.testing.assert_close(out, ref(torch.nan_to_num(x), w1, b1, w2, b2).float(),
+                               atol=1e-3, rtol=1e-3)
+    assert hidden.shape == (x.shape[0], R * D)
+    inputs, _, ref, _ = case("attention")
+    x, wq, bq, wo, bo = (t.float() for t in inputs)
+    out, qkv, ctx, lse = kt.sliced_attention_fwd(x, cu, w, wq, bq, wo, bo, H, True)
+    torch.testing.assert_close(out, ref(torch.nan_to_num(x), wq, bq, wo, bo).float(),
+                               atol=1e-3, rtol=1e-3)
+    assert lse.dtype == torch.float32 and lse.shape == (x.shape[0], H)
+
+
+def kernel_launches(fn):
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "Memset" not in e.name and "Memcpy" not in e.name)
+
+
+def test_launch_count_does_not_grow_with_routes():
+    counts = []
+    for lengths, widths in [([5, 3], [64, 32]), (LENGTHS * 8, WIDTHS * 8)]:
+        cu, w = routes(lengths, widths)
+        x = rand(int(cu[-1]), D).float()
+        w1, b1 = rand(R * D, D).float(), rand(R * D).float()
+        w2, b2 = rand(D, R * D).float(), rand(D).float()
+        kt.sliced_ffn_fwd(x, cu, w, w1, b1, w2, b2, R)  # compile first
+        counts.append(kernel_launches(lambda: kt.sliced_ffn_fwd(x, cu, w, w1, b1, w2, b2, R)))
+    if counts[0] == 0:
+        pytest.skip("the profiler saw no CUDA kernels here")
+    assert counts[0] == counts[1] == 2, counts
+
+
+def test_cuda_graph_of_a_routed_sequence():
+    cu, w = routes()
+    T = int(cu[-1])
+    dt = torch.bfloat16
+    x = rand(T, D, seed=1).to(dt)
+    w1, b1 = rand(R * D, D, scale=D ** -0.5).to(dt), rand(R * D, scale=0.1).to(dt)
+    w2, b2 = rand(D, R * D, scale=(R * D) ** -0.5).to(dt), rand(D, scale=0.1).to(dt)
+    ln_w, ln_b = rand(D, scale=0.1, shift=1.0).to(dt), rand(D, scale=0.1).to(dt)
+
+    def step():
+        f = op.sliced_ffn(x, cu, w, w1, b1, w2, b2, R)
+        return op.sliced_add_layernorm(f, x, cu, w, ln_w, ln_b, 1e-5)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    x.copy_(rand(T, D, seed=5).to(dt))  # new data in the captured buffers
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, step())
