@@ -80,7 +80,9 @@ if [[ $need_build == 1 ]]; then
     python setup.py -q build_ext --inplace
   else
     log "installing canet editable (compiles the op library)"
-    python -m pip install -q -e . --no-build-isolation
+    # --use-pep517: an old pip (a fresh venv's) would otherwise run the
+    # legacy `setup.py develop`, which re-invokes pip with build isolation.
+    python -m pip install -q -e . --no-build-isolation --use-pep517
   fi
   echo "$switches" >"$stamp"
   log "built in $((SECONDS - t0)) s"
