@@ -3,8 +3,8 @@
 Switches (environment variables):
   CANET_NO_CUDA=1         skip csrc/cuda even when a CUDA toolkit and a CUDA
                           build of torch are present
-  CANET_CUDA_ARCHS="9.0"  CUDA archs to compile for (default "8.0;9.0+PTX";
-                          TORCH_CUDA_ARCH_LIST is honoured when set)
+  CANET_CUDA_ARCHS="9.0"  CUDA archs to compile for (default: TORCH_CUDA_ARCH_LIST
+                          when set, else "8.0;9.0+PTX")
   CANET_NATIVE=0          do not tune the CPU kernels for this machine's CPU
                           (-march=native), for binaries that move elsewhere
   CANET_DEBUG=1           -O0 -g
@@ -54,7 +54,7 @@ def nvidia_wheel_includes():
 def extensions():
     debug = flag("CANET_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp-simd"]
+    cxx = opt + ["-fopenmp-simd"] + ([] if debug else ["-g0"])
     if os.environ.get("CANET_NATIVE", "1") == "1" and not debug:
         cxx.append("-march=native")
     sources = ["csrc/registration.cpp", "csrc/python_module.cpp"]
@@ -63,8 +63,11 @@ def extensions():
                   extra_compile_args={"cxx": cxx})
     reason = cuda_reason()
     if reason is None:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST",
-                              os.environ.get("CANET_CUDA_ARCHS", "8.0;9.0+PTX"))
+        # CANET_CUDA_ARCHS wins, then TORCH_CUDA_ARCH_LIST, then the default
+        # (torch reads the variable when it builds the nvcc command).
+        archs = (os.environ.get("CANET_CUDA_ARCHS") or
+                 os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0+PTX")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         kwargs["include_dirs"] += nvidia_wheel_includes()
         kwargs["extra_compile_args"]["nvcc"] = opt + ["-lineinfo"]

@@ -28,9 +28,26 @@ def has_kernel(op: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"canet::{op}", key)
 
 
+_CPP_SUFFIXES = (".cpp", ".cu", ".cc", ".cxx")
+
+
+def has_cpp_kernel(op: str, key: str) -> bool:
+    """True when the kernel for `key` comes from the compiled library, not
+    from a Python registration (the Triton backend also registers CUDA
+    kernels). Falls back to has_kernel when the dispatcher's dump has no
+    source location."""
+    if not has_kernel(op, key):
+        return False
+    for line in torch._C._dispatch_dump(f"canet::{op}").splitlines():
+        if line.startswith(f"{key}: registered at "):
+            where = line[len(f"{key}: registered at "):].split(" ", 1)[0]
+            return where.rsplit(":", 1)[0].endswith(_CPP_SUFFIXES)
+    return True
+
+
 def cuda_cpp_built() -> bool:
     """True when csrc/cuda was compiled into the library."""
-    return _loaded and has_kernel("sliced_add_layernorm_fwd", "CUDA")
+    return _loaded and has_cpp_kernel("sliced_add_layernorm_fwd", "CUDA")
 
 
 def triton_status() -> tuple[bool, str]:
