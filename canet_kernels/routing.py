@@ -4,8 +4,8 @@ Samples are sorted by route, depth descending first, so the samples that
 still run at layer l are a *prefix* of the batch (and their tokens a prefix of
 the packed rows): layer l runs on views `x[:T_l]`, `cu_seqlens[:B_l + 1]`,
 `widths[:B_l]`, no gather and no copy. Inside a depth group samples are sorted
-by width, so equal widths are contiguous and a backend runs each width bucket
-as one block of rows.
+by width (then length), so equal widths are contiguous and a backend runs each
+width bucket as one block of rows.
 """
 from __future__ import annotations
 
@@ -52,10 +52,12 @@ def plan_routes(lengths, widths, depths, emb_widths=None, num_layers=None):
         emb_widths = widths
     if B and int(depths.min()) < 0:
         raise ValueError("plan_routes: depths must be >= 0")
-    # Stable descending sort on (depth, width, emb width).
-    key = (depths.to(torch.int64) << 40) | (widths.to(torch.int64) << 20) | \
-        emb_widths.to(torch.int64)
-    order = torch.argsort(key, descending=True, stable=True)
+    # Descending on (depth, width, emb width, length): stable sorts from the
+    # last key to the first. Equal lengths inside a route group let a backend
+    # batch their attention as equal-shape problems.
+    order = torch.argsort(lengths, descending=True, stable=True)
+    for key in (emb_widths, widths, depths):
+        order = order[torch.argsort(key[order], descending=True, stable=True)]
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(B, device=order.device)
     lengths_s = lengths[order].to(torch.int64)

@@ -48,3 +48,9 @@ def test_empty_batch_and_bad_shapes():
         plan_routes(torch.tensor([1, 2]), torch.tensor([8]), torch.tensor([1, 1]))
     with pytest.raises(ValueError, match="depths must be >= 0"):
         plan_routes(torch.tensor([1]), torch.tensor([8]), torch.tensor([-1]))
+
+
+def test_equal_routes_are_sorted_by_length():
+    lengths = torch.tensor([3, 9, 3, 9, 5])
+    p = plan_routes(lengths, torch.full((5,), 64), torch.full((5,), 2))
+    assert p.lengths.tolist() == [9, 9, 5, 3, 3]

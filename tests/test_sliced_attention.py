@@ -24,10 +24,16 @@ def make_args(D=40, lengths=LENGTHS, widths=WIDTHS_40, causal=True, seed=0,
 NAMES = ["grad_x", "grad_w_qkv", "grad_b_qkv", "grad_w_o", "grad_b_o"]
 
 
+# Runs of samples with equal width and length take the batched library path,
+# scattered ones the per-(sample, head) kernel: both layouts are checked.
+GROUPED = dict(lengths=[9, 9, 9, 9, 5, 5, 0, 3, 7], widths=[40, 40, 40, 40, 24, 24, 24, 8, 40])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("causal", [True, False])
-def test_matches_reference(dtype, causal):
-    args = make_args(causal=causal)
+@pytest.mark.parametrize("layout", ["scattered", "grouped"])
+def test_matches_reference(dtype, causal, layout):
+    args = make_args(causal=causal, **(GROUPED if layout == "grouped" else {}))
     got = assert_matches_reference(op.sliced_attention, reference.sliced_attention,
                                    args, dtype, NAMES)
     cu, widths = args[1], args[2]

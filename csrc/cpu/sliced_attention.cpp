@@ -21,10 +21,21 @@ struct Task {
   int64_t row0, n, head, hd;
 };
 
+// Consecutive samples with equal width and length: a batch of equal-shape
+// attention problems. Large ones go to ATen's CPU flash attention as one call
+// (blocked GEMMs, vectorized softmax); the rest, typically the scattered
+// lengths of real data, to the per-(sample, head) kernel below, which needs
+// no padding.
+struct Group {
+  int64_t row0, count, n, w;
+};
+constexpr int64_t kMinFlashProblems = 8;  // samples x heads per library call
+
 struct Checked {
   Routes routes;
   std::vector<Run> runs;
   std::vector<Task> tasks;
+  std::vector<Group> groups;
 };
 
 Checked check(const at::Tensor& x, const at::Tensor& cu_seqlens,
@@ -42,11 +53,25 @@ Checked check(const at::Tensor& x, const at::Tensor& cu_seqlens,
   c.routes = check_routes(x, cu_seqlens, widths, D, kOp, "widths", num_heads,
                           "num_heads");
   c.runs = make_runs(c.routes);
+  std::vector<Group> all;
   for (int64_t b = 0; b < c.routes.samples(); ++b) {
-    const int64_t n = c.routes.cu[b + 1] - c.routes.cu[b];
+    const int64_t n = c.routes.cu[b + 1] - c.routes.cu[b], w = c.routes.width[b];
     if (n == 0) continue;
-    for (int64_t h = 0; h < num_heads; ++h)
-      c.tasks.push_back({c.routes.cu[b], n, h, c.routes.width[b] / num_heads});
+    if (!all.empty() && all.back().n == n && all.back().w == w &&
+        all.back().row0 + all.back().count * n == c.routes.cu[b]) {
+      ++all.back().count;
+    } else {
+      all.push_back({c.routes.cu[b], 1, n, w});
+    }
+  }
+  for (const Group& g : all) {
+    if (g.count * num_heads >= kMinFlashProblems) {
+      c.groups.push_back(g);
+      continue;
+    }
+    for (int64_t i = 0; i < g.count; ++i)
+      for (int64_t h = 0; h < num_heads; ++h)
+        c.tasks.push_back({g.row0 + i * g.n, g.n, h, g.w / num_heads});
   }
   return c;
 }
@@ -291,6 +316,50 @@ void attention_bwd(const at::Tensor& qkv, const at::Tensor& ctx,
   });
 }
 
+// [G, n, H, hd] -> [G, H, n, hd] view of a group's rows in a [T, k, D]
+// buffer (k = 3 for qkv: `part` picks Q, K or V) or a [T, D] buffer.
+at::Tensor head_view(const at::Tensor& t, const Group& g, int64_t H,
+                     int64_t part = -1) {
+  auto rows = t.slice(0, g.row0, g.row0 + g.count * g.n);
+  if (part >= 0) rows = rows.select(1, part);
+  return rows.slice(1, 0, g.w).view({g.count, g.n, H, g.w / H}).transpose(1, 2);
+}
+
+at::Tensor lse_view(const at::Tensor& lse, const Group& g, int64_t H) {
+  return lse.slice(0, g.row0, g.row0 + g.count * g.n).view({g.count, g.n, H})
+      .transpose(1, 2);  // [G, H, n]
+}
+
+void flash_fwd(const at::Tensor& qkv, at::Tensor& ctx, at::Tensor& lse,
+               const std::vector<Group>& groups, int64_t H, bool causal) {
+  for (const Group& g : groups) {
+    const double scale = 1.0 / std::sqrt(double(g.w / H));
+    auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(
+        head_view(qkv, g, H, 0), head_view(qkv, g, H, 1),
+        head_view(qkv, g, H, 2), 0.0, causal, std::nullopt, scale);
+    head_view(ctx, g, H).copy_(o);
+    lse_view(lse, g, H).copy_(l);
+  }
+}
+
+void flash_bwd(const at::Tensor& qkv, const at::Tensor& ctx,
+               const at::Tensor& dctx, const at::Tensor& lse, at::Tensor& dqkv,
+               const std::vector<Group>& groups, int64_t H, bool causal) {
+  for (const Group& g : groups) {
+    const double scale = 1.0 / std::sqrt(double(g.w / H));
+    auto q = head_view(qkv, g, H, 0), k = head_view(qkv, g, H, 1),
+         v = head_view(qkv, g, H, 2);
+    auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+        head_view(dctx, g, H).contiguous(), q, k, v,
+        head_view(ctx, g, H).contiguous(),
+        lse_view(lse, g, H).contiguous(), 0.0, causal,
+        std::nullopt, scale);
+    head_view(dqkv, g, H, 0).copy_(dq);
+    head_view(dqkv, g, H, 1).copy_(dk);
+    head_view(dqkv, g, H, 2).copy_(dv);
+  }
+}
+
 // The per-run projections x -> Q, K, V into qkv[T, 3, D].
 void project_qkv(const at::Tensor& x, const at::Tensor& w_qkv,
                  const at::Tensor& b_qkv, at::Tensor& qkv,
@@ -325,6 +394,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
                                   "sliced_attention_fwd", [&] {
     attention_fwd<scalar_t>(qkv, ctx, lse, c.tasks, num_heads, causal);
   });
+  flash_fwd(qkv, ctx, lse, c.groups, num_heads, causal);
   for (const Run& r : c.runs) {
     addmm_into(block(out, r, 0, r.in_w), b_o.slice(0, 0, r.in_w),
                block(ctx, r, 0, r.in_w), w_o.slice(0, 0, r.in_w).slice(1, 0, r.in_w).t());
@@ -367,6 +437,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
                                   "sliced_attention_backward", [&] {
     attention_bwd<scalar_t>(qkv, ctx, dctx, lse, dqkv, c.tasks, num_heads, causal);
   });
+  flash_bwd(qkv, ctx, dctx, lse, dqkv, c.groups, num_heads, causal);
   auto gx = at::zeros_like(x);
   auto gwqkv = at::zeros({3, D, D}, acc), gbqkv = at::zeros({3, D}, acc);
   for (const Run& r : c.runs) {
