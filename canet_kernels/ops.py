@@ -62,9 +62,9 @@ def _(grad_out, x, cu_seqlens, widths, w_qkv, w_o, qkv, ctx, lse, num_heads,
 
 
 @torch.library.register_fake("canet::sliced_ffn_fwd")
-def _(x, cu_seqlens, widths, w1, b1, w2, b2, ratio=4):
+def _(x, cu_seqlens, widths, w1, b1, w2, b2, ratio=4, save_hidden=True):
     _check_packed(x, cu_seqlens, widths)
-    return torch.empty_like(x), x.new_empty(x.shape[0], w1.shape[0])
+    return torch.empty_like(x), x.new_empty(x.shape[0] if save_hidden else 0, w1.shape[0])
 
 
 @torch.library.register_fake("canet::sliced_ffn_backward")
@@ -134,7 +134,7 @@ torch.library.register_autograd("canet::sliced_attention_fwd",
 
 
 def _ffn_setup(ctx, inputs, output):
-    x, cu, widths, w1, b1, w2, b2, ratio = inputs
+    x, cu, widths, w1, b1, w2, b2, ratio, _save_hidden = inputs
     ctx.save_for_backward(x, cu, widths, w1, w2, output[1])
     ctx.ratio = ratio
     ctx.mark_non_differentiable(output[1])
@@ -144,7 +144,7 @@ def _ffn_backward(ctx, grad_out, _grad_hidden):
     x, cu, widths, w1, w2, hidden = ctx.saved_tensors
     gx, gw1, gb1, gw2, gb2 = ops.sliced_ffn_backward(
         grad_out.contiguous(), x, cu, widths, w1, w2, hidden, ctx.ratio)
-    return _keep(ctx, (gx, None, None, gw1, gb1, gw2, gb2, None))
+    return _keep(ctx, (gx, None, None, gw1, gb1, gw2, gb2, None, None))
 
 
 torch.library.register_autograd("canet::sliced_ffn_fwd", _ffn_backward,

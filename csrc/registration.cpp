@@ -12,6 +12,7 @@
 // output and is CompositeImplicitAutograd over `<op>_fwd`, so autograd and
 // torch.compile see the fwd/backward pair.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 
 namespace canet {
@@ -45,8 +46,14 @@ at::Tensor sliced_ffn(const at::Tensor& x, const at::Tensor& cu_seqlens,
           .typed<std::tuple<at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, int64_t)>();
-  return std::get<0>(op.call(x, cu_seqlens, widths, w1, b1, w2, b2, ratio));
+              const at::Tensor&, int64_t, bool)>();
+  // Inference needs no saved pre-activation: skip writing it.
+  const bool save = at::GradMode::is_enabled() &&
+                    (x.requires_grad() || w1.requires_grad() ||
+                     b1.requires_grad() || w2.requires_grad() ||
+                     b2.requires_grad());
+  return std::get<0>(
+      op.call(x, cu_seqlens, widths, w1, b1, w2, b2, ratio, save));
 }
 
 at::Tensor sliced_add_layernorm(const at::Tensor& x, const at::Tensor& residual,
@@ -95,14 +102,15 @@ TORCH_LIBRARY(canet, m) {
       "Tensor grad_w_qkv, Tensor grad_b_qkv, Tensor grad_w_o, Tensor grad_b_o)");
 
   // FFN sublayer: gelu(x[:, :w] @ w1[:r*w, :w]^T + b1[:r*w]) @ w2[:w, :r*w]^T + b2[:w].
-  // The pre-activation hidden[T, w1.size(0)] is saved.
+  // The pre-activation hidden[T, w1.size(0)] is saved for backward; with
+  // save_hidden=false (inference) hidden is [0, w1.size(0)].
   m.def(
       "sliced_ffn(Tensor x, Tensor cu_seqlens, Tensor widths, Tensor w1, "
       "Tensor b1, Tensor w2, Tensor b2, int ratio=4) -> Tensor");
   m.def(
       "sliced_ffn_fwd(Tensor x, Tensor cu_seqlens, Tensor widths, Tensor w1, "
-      "Tensor b1, Tensor w2, Tensor b2, int ratio=4) -> (Tensor out, "
-      "Tensor hidden)");
+      "Tensor b1, Tensor w2, Tensor b2, int ratio=4, bool save_hidden=True) "
+      "-> (Tensor out, Tensor hidden)");
   m.def(
       "sliced_ffn_backward(Tensor grad_out, Tensor x, Tensor cu_seqlens, "
       "Tensor widths, Tensor w1, Tensor w2, Tensor hidden, int ratio) -> "

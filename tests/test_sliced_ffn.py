@@ -94,3 +94,13 @@ def test_bad_input_names_the_argument(change, match):
     change(args)
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         op.sliced_ffn(*args)
+
+
+def test_inference_skips_the_saved_pre_activation():
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in make_args()]
+    out, hidden = op.sliced_ffn_fwd(*args, save_hidden=False)
+    assert hidden.shape == (0, R * 40)
+    torch.testing.assert_close(out, op.sliced_ffn_fwd(*args)[0])
+    torch.library.opcheck(op.sliced_ffn_fwd, args + [False])
+    with torch.no_grad():  # the public op takes the inference path here
+        torch.testing.assert_close(op.sliced_ffn(*args), out)

@@ -169,6 +169,10 @@ def test_ffn(dtype):
     got = kt.sliced_ffn_backward(dy, x, cu, widths, w1, w2, hidden, R)
     for name, g, w in zip(["grad_x", "grad_w1", "grad_b1", "grad_w2", "grad_b2"], got, grads):
         close(name, g, w, dtype)
+    # inference: same output, nothing saved
+    out2, hidden2 = kt.sliced_ffn_fwd(x, cu, widths, w1, b1, w2, b2, R, save_hidden=False)
+    assert hidden2.shape == (0, R * D)
+    close("out without saving", out2, want, dtype)
 
 
 # -------------------------------------------------------------- layernorm --

@@ -28,7 +28,7 @@ def _ffn_fwd_kernel(tiles, NT, x_ptr, s_xm, w1_ptr, s_w1h, b1_ptr, w2_ptr, s_w2n
                     y_ptr, s_ym, h_ptr, s_hm, D, H, RATIO,
                     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                     DP: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                    IDX: tl.constexpr):
+                    IDX: tl.constexpr, SAVE: tl.constexpr):
     t = tl.program_id(0)
     row0 = tl.load(tiles + t)
     row1 = tl.load(tiles + NT + t)
@@ -62,19 +62,21 @@ def _ffn_fwd_kernel(tiles, NT, x_ptr, s_xm, w1_ptr, s_w1h, b1_ptr, w2_ptr, s_w2n
             h = tl.dot(a, b, h, input_precision=PREC, out_dtype=ACC)
         h += tl.load(b1_ptr + jc, mask=jmask, other=0.0).to(ACC)[None, :]
         h = tl.where(jmask[None, :], h, 0.0).to(h_ptr.dtype.element_ty)
-        tl.store(h_ptr + ro[:, None] * s_hm + jc[None, :], h,
-                 mask=rmask[:, None] & (jc[None, :] < H))
+        if SAVE:
+            tl.store(h_ptr + ro[:, None] * s_hm + jc[None, :], h,
+                     mask=rmask[:, None] & (jc[None, :] < H))
         # GELU of the stored (rounded) value, as backward will see it
         g = gelu(h.to(ACC)).to(h_ptr.dtype.element_ty)
         w2t = tl.load(w2_ptr + dc[None, :] * s_w2n + jc[:, None],
                       mask=(jc[:, None] < rwb) & dmask[None, :], other=0.0)
         acc = tl.dot(g, w2t, acc, input_precision=PREC, out_dtype=ACC)
     # the saved pre-activation is zero beyond r*w
-    for j0 in range(tl.cdiv(rw, BH) * BH, H, BH):
-        jc = j0 + jc0
-        tl.store(h_ptr + ro[:, None] * s_hm + jc[None, :],
-                 tl.zeros([BM, BH], dtype=h_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & (jc[None, :] < H))
+    if SAVE:
+        for j0 in range(tl.cdiv(rw, BH) * BH, H, BH):
+            jc = j0 + jc0
+            tl.store(h_ptr + ro[:, None] * s_hm + jc[None, :],
+                     tl.zeros([BM, BH], dtype=h_ptr.dtype.element_ty),
+                     mask=rmask[:, None] & (jc[None, :] < H))
     acc += tl.load(b2_ptr + dc, mask=dmask, other=0.0).to(ACC)[None, :]
     acc = tl.where(dmask[None, :], acc, 0.0)
     tl.store(y_ptr + ro[:, None] * s_ym + dc[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -152,24 +154,26 @@ def _check(op, x, cu_seqlens, widths, w1, w2, ratio):
     return c, x.contiguous(), cu, widths, w1, w2, H
 
 
-def sliced_ffn_fwd(x, cu_seqlens, widths, w1, b1, w2, b2, ratio=4):
+def sliced_ffn_fwd(x, cu_seqlens, widths, w1, b1, w2, b2, ratio=4, save_hidden=True):
     c, x, cu, widths, w1, w2, H = _check("sliced_ffn_fwd", x, cu_seqlens, widths, w1,
                                          w2, ratio)
     T, D = x.shape
     b1 = c.tensor(b1, "b1", [H])
     b2 = c.tensor(b2, "b2", [D])
     y = torch.empty_like(x)
-    hidden = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    hidden = torch.empty(T if save_hidden else 0, H, dtype=x.dtype, device=x.device)
     if T == 0:
         return y, hidden
+    # without saving, the kernel gets y as a never-written stand-in pointer
+    h_arg = hidden if save_hidden else y
     bm, bh, bk, dp, warps = _blocks(x, D)
     (tiles,) = build_tiles(cu, widths, widths, T, [(bm, False)])
     _ffn_fwd_kernel[(tiles.nt,)](tiles.data, tiles.nt, x, x.stride(0), w1, w1.stride(0),
                                  b1, w2, w2.stride(0), b2, y, y.stride(0),
-                                 hidden, hidden.stride(0), D, H, int(ratio),
+                                 h_arg, h_arg.stride(0), D, H, int(ratio),
                                  BM=bm, BH=bh, BK=bk, DP=dp, ACC=acc_type(x.dtype),
-                                 PREC=dot_precision(x.dtype), IDX=index_type(x, hidden),
-                                 num_warps=warps)
+                                 PREC=dot_precision(x.dtype), IDX=index_type(x, h_arg),
+                                 SAVE=bool(save_hidden), num_warps=warps)
     return y, hidden
 
 

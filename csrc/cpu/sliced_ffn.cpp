@@ -28,13 +28,13 @@ std::vector<Run> check(const at::Tensor& x, const at::Tensor& cu_seqlens,
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(
     const at::Tensor& x_, const at::Tensor& cu_seqlens, const at::Tensor& widths,
     const at::Tensor& w1_, const at::Tensor& b1, const at::Tensor& w2_,
-    const at::Tensor& b2, int64_t ratio) {
+    const at::Tensor& b2, int64_t ratio, bool save_hidden) {
   const auto runs = check(x_, cu_seqlens, widths, w1_, w2_, ratio);
   check_like(b1, x_, kOp, "b1", {w1_.size(0)});
   check_like(b2, x_, kOp, "b2", {x_.size(1)});
   const auto x = x_.contiguous(), w1 = w1_.contiguous(), w2 = w2_.contiguous();
   // Zero-filled up front (cheaper than zeroing strided tails of fresh memory).
-  auto hidden = at::zeros({x.size(0), w1.size(0)}, x.options());
+  auto hidden = at::zeros({save_hidden ? x.size(0) : 0, w1.size(0)}, x.options());
   auto out = at::zeros_like(x);
   for (const Run& r : runs) {
     const int64_t w = r.in_w, inner = ratio * w;
@@ -42,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(
     // memory; the copy into `hidden` (saved for backward) is cheap beside it.
     auto h = at::addmm(b1.slice(0, 0, inner), block(x, r, 0, w),
                        w1.slice(0, 0, inner).slice(1, 0, w).t());
-    block(hidden, r, 0, inner).copy_(h);
+    if (save_hidden) block(hidden, r, 0, inner).copy_(h);
     addmm_into(block(out, r, 0, w), b2.slice(0, 0, w), at::gelu(h),
                w2.slice(0, 0, w).slice(1, 0, inner).t());
   }
