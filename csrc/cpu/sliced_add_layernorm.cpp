@@ -57,15 +57,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
         const int64_t w = tw[t];
         const scalar_t *xr = px + t * D, *rr = pr + t * D;
         acc_t sum = 0;
+_Pragma("omp simd reduction(+ : sum)")
         for (int64_t f = 0; f < w; ++f) {
           s[f] = acc_t(xr[f]) + acc_t(rr[f]);
           sum += s[f];
         }
         const acc_t mu = sum / w;
         acc_t var = 0;
+_Pragma("omp simd reduction(+ : var)")
         for (int64_t f = 0; f < w; ++f) var += (s[f] - mu) * (s[f] - mu);
         const acc_t rs = acc_t(1) / std::sqrt(var / w + acc_t(eps));
         scalar_t* o = po + t * D;
+_Pragma("omp simd")
         for (int64_t f = 0; f < w; ++f)
           o[f] = scalar_t((s[f] - mu) * rs * acc_t(pw[f]) + acc_t(pb[f]));
         for (int64_t f = w; f < D; ++f) o[f] = scalar_t(0);
@@ -112,6 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
           const int64_t w = tw[t];
           const scalar_t *xr = px + t * D, *rr = pr + t * D, *dr = pdy + t * D;
           acc_t sg = 0, sgx = 0;
+_Pragma("omp simd reduction(+ : sg, sgx)")
           for (int64_t f = 0; f < w; ++f) {
             xhat[f] = (acc_t(xr[f]) + acc_t(rr[f]) - pm[t]) * ps[t];
             const acc_t d = acc_t(dr[f]);
@@ -124,6 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
           sg /= w;
           sgx /= w;
           scalar_t* o = pg + t * D;
+_Pragma("omp simd")
           for (int64_t f = 0; f < w; ++f)
             o[f] = scalar_t(ps[t] * (g[f] - sg - xhat[f] * sgx));
           for (int64_t f = w; f < D; ++f) o[f] = scalar_t(0);
