@@ -1,0 +1,865 @@
+"""The providers every benchmark compares, on one weight dict.
+
+A backbone provider runs the post-LN layer stack
+    a = attn(x); x = LN1(a + x); f = ffn(x); x = LN2(f + x)
+for a batch whose sample b runs at hidden width widths[b] (head dim
+widths[b] / heads, FFN inner ratio * widths[b], LayerNorm over the first
+widths[b] features, the leading block W[:out, :in] of every weight) and only
+its first depths[b] layers. Input: a right-padded batch x[B, L, D] in the
+caller's order, zero beyond each sample's width. Each provider returns its
+own native output (what the next stage of a model would read) and converts
+it to [B, L, D] with `padded` for comparisons.
+
+  dense        the max-size stack (width D, every layer) in plain PyTorch:
+               F.linear, F.scaled_dot_product_attention(is_causal), F.layer_norm
+  masked       the official CANet formulation: full width and every layer for
+               every sample; outputs zero-masked beyond each width, per-head
+               feature masks (head dim w/h), rows frozen past each depth
+  loop         one padded sub-batch per route (width, depth), sliced weights
+  bucket       sort by route once, then one plain-PyTorch call per width
+               bucket and op on packed rows (attention padded per bucket)
+  canet-cpu    canet's ops on a route plan: route-sorted packed batch, layer
+               l on the active prefix (plan.layer), merge_layers at the end
+  canet-cuda   the same on CUDA tensors through torch.ops.canet (CUDA C++
+               kernels where built, Triton for the rest)
+  canet-triton the same through the canet_kernels.triton launchers
+  reference    the same with canet_kernels.reference (slow; tests only)
+
+Right padding makes causal attention exact for real tokens: a real token
+never sees a padded one, so the padded providers need no key mask.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+import canet_kernels  # noqa: F401  registers torch.ops.canet
+from canet_kernels import functional as CF
+from canet_kernels import reference as REF
+from canet_kernels.routing import merge_layers, plan_routes
+
+EPS = 1e-5
+WIDTHS = (64, 96, 128)
+DEPTHS = (2, 4, 6, 8)
+HEADS = 4
+RATIO = 4
+
+
+# --------------------------------------------------------------- inputs ----
+
+def make_weights(D: int = 128, layers: int = 8, ratio: int = RATIO, heads: int = HEADS,
+                 dtype=torch.float32, device="cpu", seed: int = 0) -> dict:
+    """Random weights of a max-size stack (same for every provider)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale):
+        return (torch.randn(*shape, generator=g, dtype=torch.float32) * scale)
+
+    out = []
+    for _ in range(layers):
+        p = dict(w_qkv=r(3, D, D, scale=D ** -0.5), b_qkv=r(3, D, scale=0.02),
+                 w_o=r(D, D, scale=D ** -0.5), b_o=r(D, scale=0.02),
+                 ln1_w=1 + r(D, scale=0.1), ln1_b=r(D, scale=0.05),
+                 w1=r(ratio * D, D, scale=D ** -0.5), b1=r(ratio * D, scale=0.02),
+                 w2=r(D, ratio * D, scale=(ratio * D) ** -0.5), b2=r(D, scale=0.02),
+                 ln2_w=1 + r(D, scale=0.1), ln2_b=r(D, scale=0.05))
+        out.append({k: v.to(dtype=dtype, device=device) for k, v in p.items()})
+    return {"D": D, "ratio": ratio, "heads": heads, "layers": out}
+
+
+def trainable(weights: dict) -> dict:
+    """A copy whose tensors are leaves that require grad."""
+    return {**weights, "layers": [{k: v.detach().clone().requires_grad_()
+                                   for k, v in p.items()} for p in weights["layers"]]}
+
+
+def weight_tensors(weights: dict) -> list:
+    return [v for p in weights["layers"] for v in p.values()]
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor          # [B, L, D] caller order, zero beyond width and padding
+    lengths: torch.Tensor    # [B] int64, right padding
+    widths: torch.Tensor     # [B] int64
+    depths: torch.Tensor     # [B] int64
+
+    @property
+    def B(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def L(self) -> int:
+        return self.x.shape[1]
+
+    def valid(self) -> torch.Tensor:
+        """[B, L, 1] bool: real tokens."""
+        pos = torch.arange(self.L, device=self.x.device)
+        return (pos[None, :] < self.lengths[:, None])[..., None]
+
+    def to(self, device=None, dtype=None) -> "Batch":
+        return Batch(self.x.to(device=device, dtype=dtype), self.lengths.to(device),
+                     self.widths.to(device), self.depths.to(device))
+
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+# Route mixes over (hidden width, depth). "trained" stands in for what a
+# router trained with a FLOP budget produces: most users on small, shallow
+# routes and a tail on the big ones (mean backbone FLOP ratio 0.27 at 50
+# tokens). `load_route_mix` replaces it with a measured distribution.
+DEFAULT_TRAINED_MIX = {
+    (64, 2): 0.22, (64, 4): 0.16, (64, 6): 0.06, (64, 8): 0.04,
+    (96, 2): 0.12, (96, 4): 0.10, (96, 6): 0.05, (96, 8): 0.03,
+    (128, 2): 0.07, (128, 4): 0.06, (128, 6): 0.04, (128, 8): 0.05,
+}
+MIXES = ("uniform", "all-max", "all-min", "trained")
+
+
+def _route_table_text(text: str) -> dict:
+    """Rows `route emb hidden depth flop-ratio users share` of the table
+    `canet route-stats` prints."""
+    mix: dict = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 7 and parts[0].isdigit():
+            key = (int(parts[2]), int(parts[3]))
+            mix[key] = mix.get(key, 0.0) + float(parts[5])
+    return mix
+
+
+def load_route_mix(path: str) -> dict:
+    """A route distribution {(width, depth): share} from a file.
+
+    Accepted: JSON {"routes": [{"hidden": d, "depth": L, "share" | "users": x},
+    ...]} (embedding widths are summed out); JSON {"route_counts": [...]}
+    indexed like CANetConfig.routes() (emb x hidden x depth, the paper's
+    sets unless a "config" entry says otherwise), as `evaluate` returns it;
+    or the text table `canet route-stats` prints, saved to a file.
+    """
+    with open(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = {"_table": _route_table_text(text)}
+    mix: dict = {}
+    if "_table" in data:
+        mix = data["_table"]
+    elif "routes" in data:
+        for r in data["routes"]:
+            key = (int(r["hidden"]), int(r["depth"]))
+            mix[key] = mix.get(key, 0.0) + float(r.get("share", r.get("users", 0)))
+    elif "route_counts" in data:
+        from canet_kernels.model.config import CANetConfig
+        cfg = CANetConfig(n_items=1, **data.get("config", {}))
+        for (e, d, L), c in zip(cfg.routes(), data["route_counts"]):
+            mix[(d, L)] = mix.get((d, L), 0.0) + float(c)
+    else:
+        raise ValueError(f"{path}: expected a 'routes' or 'route_counts' entry, or "
+                         "the table `canet route-stats` prints")
+    total = sum(mix.values())
+    if total <= 0:
+        raise ValueError(f"{path}: the route distribution is empty")
+    return {k: v / total for k, v in mix.items() if v > 0}
+
+
+def sample_routes(B: int, mix="uniform", seed: int = 0, D: int = 128, layers: int = 8):
+    """(widths, depths) [B] int64 for a route mix name or a {(w, L): p} dict."""
+    g = torch.Generator().manual_seed(seed)
+    widths = [w for w in WIDTHS if w <= D] or [D]
+    depths = [d for d in DEPTHS if d <= layers] or [layers]
+    if mix == "all-max":
+        return torch.full((B,), max(widths)), torch.full((B,), max(depths))
+    if mix == "all-min":
+        return torch.full((B,), min(widths)), torch.full((B,), min(depths))
+    if mix == "uniform":
+        wi = torch.randint(len(widths), (B,), generator=g)
+        di = torch.randint(len(depths), (B,), generator=g)
+        return torch.tensor(widths)[wi], torch.tensor(depths)[di]
+    table = DEFAULT_TRAINED_MIX if mix == "trained" else mix
+    keys = list(table)
+    p = torch.tensor([table[k] for k in keys], dtype=torch.float64)
+    idx = torch.multinomial(p, B, replacement=True, generator=g)
+    wd = torch.tensor(keys, dtype=torch.int64)[idx]
+    return wd[:, 0].contiguous(), wd[:, 1].contiguous()
+
+
+def make_batch(widths, depths, seq_len: int, D: int = 128, lengths=None,
+               dtype=torch.float32, device="cpu", seed: int = 0) -> Batch:
+    """Random hidden states [B, seq_len, D], zero beyond each width and at
+    padding (lengths default to seq_len for every sample)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    widths = torch.as_tensor(widths, dtype=torch.int64)
+    depths = torch.as_tensor(depths, dtype=torch.int64)
+    B = widths.shape[0]
+    if lengths is None:
+        lengths = torch.full((B,), seq_len, dtype=torch.int64)
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    x = torch.randn(B, seq_len, D, generator=g)
+    feat = torch.arange(D)
+    pos = torch.arange(seq_len)
+    x = x * (feat[None, None, :] < widths[:, None, None]) \
+        * (pos[None, :, None] < lengths[:, None, None])
+    return Batch(x.to(device=device, dtype=dtype), lengths.to(device),
+                 widths.to(device), depths.to(device))
+
+
+# ---------------------------------------------------- plain-PyTorch parts --
+
+def _qkv_weight(p, w):
+    """[3w, w] and [3w] for one fused Q/K/V F.linear at width w."""
+    D = p["w_o"].shape[0]
+    if w == D:
+        return p["w_qkv"].reshape(3 * D, D), p["b_qkv"].reshape(3 * D)
+    return p["w_qkv"][:, :w, :w].reshape(3 * w, w), p["b_qkv"][:, :w].reshape(3 * w)
+
+
+def padded_attention(x, p, w, heads):
+    """Attention sublayer on a padded [b, n, w] batch at width w."""
+    b, n, _ = x.shape
+    wq, bq = _qkv_weight(p, w)
+    qkv = F.linear(x, wq, bq).view(b, n, 3, heads, w // heads).permute(2, 0, 3, 1, 4)
+    ctx = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
+    ctx = ctx.transpose(1, 2).reshape(b, n, w)
+    return F.linear(ctx, p["w_o"][:w, :w], p["b_o"][:w])
+
+
+def ffn(x, p, w, ratio):
+    r = ratio * w
+    h = F.gelu(F.linear(x, p["w1"][:r, :w], p["b1"][:r]))
+    return F.linear(h, p["w2"][:w, :r], p["b2"][:w])
+
+
+def add_ln(a, x, p, key, w):
+    return F.layer_norm(a + x, (w,), p[key + "_w"][:w], p[key + "_b"][:w], EPS)
+
+
+def padded_layer(x, p, w, heads, ratio):
+    """One post-LN layer on a padded [b, n, w] batch, leading blocks at w."""
+    x = add_ln(padded_attention(x, p, w, heads), x, p, "ln1", w)
+    return add_ln(ffn(x, p, w, ratio), x, p, "ln2", w)
+
+
+# ------------------------------------------------------------- backbones --
+
+class Provider:
+    name = "?"
+    kind = "pytorch"
+
+    def available(self, device) -> tuple[bool, str]:
+        return True, ""
+
+    def forward(self, W: dict, batch: Batch):
+        raise NotImplementedError
+
+    def padded(self, out, batch: Batch) -> torch.Tensor:
+        return out
+
+    def loss(self, out) -> torch.Tensor:
+        """A scalar over the native output (training steps)."""
+        if isinstance(out, (list, tuple)) and not torch.is_tensor(out):
+            return sum(self.loss(o) for o in out)
+        return out.float().square().mean()
+
+
+class Dense(Provider):
+    name = "dense"
+
+    def forward(self, W, batch):
+        x, D = batch.x, W["D"]
+        for p in W["layers"]:
+            x = padded_layer(x, p, D, W["heads"], W["ratio"])
+        return x
+
+
+def _head_masks(widths, heads, D, dtype):
+    """Per-sample feature masks [B, 1, D], per-head masks [B, H, 1, D] and
+    score scales [B, 1, 1, 1] of the masked formulation."""
+    dev = widths.device
+    feat = torch.arange(D, device=dev)
+    fmask = (feat[None, :] < widths[:, None]).to(dtype)[:, None, :]
+    hd = widths // heads
+    lo = torch.arange(heads, device=dev)[None, :, None] * hd[:, None, None]
+    hmask = ((feat >= lo) & (feat < lo + hd[:, None, None])).to(dtype)[:, :, None, :]
+    scale = hd.to(dtype).rsqrt()[:, None, None, None]
+    return fmask, hmask, scale
+
+
+def masked_layer_norm(x, fmask, width, weight, bias):
+    mean = (x * fmask).sum(-1, keepdim=True) / width
+    xc = (x - mean) * fmask
+    var = (xc * xc).sum(-1, keepdim=True) / width
+    return (xc * torch.rsqrt(var + EPS) * weight + bias) * fmask
+
+
+def masked_attention(h, p, fmask, hmask, scale, causal_mask):
+    """Attention sublayer of the masked formulation on [B, L, D]."""
+    D = h.shape[-1]
+    qkv = F.linear(h, p["w_qkv"].reshape(3 * D, D), p["b_qkv"].reshape(3 * D))
+    q, k, v = qkv.chunk(3, dim=-1)
+    q = q * fmask
+    # head i of sample b sees only its own w_b/H features of q and v
+    s = (q[:, None] * hmask) @ k[:, None].transpose(-1, -2) * scale      # [B, H, L, L]
+    s = s.masked_fill(causal_mask, float("-inf"))
+    pr = torch.softmax(s.float(), dim=-1).to(h.dtype)
+    ctx = (pr @ (v[:, None] * hmask)).sum(1)                             # [B, L, D]
+    return F.linear(ctx, p["w_o"], p["b_o"]) * fmask
+
+
+def masked_ffn(h, p, fmask, inner):
+    f = F.gelu(F.linear(h, p["w1"], p["b1"])) * inner
+    return F.linear(f, p["w2"], p["b2"]) * fmask
+
+
+def masked_layer(h, p, fmask, hmask, scale, inner, width, causal_mask):
+    """One layer of the masked formulation on [B, L, D]."""
+    a = masked_attention(h, p, fmask, hmask, scale, causal_mask)
+    h1 = masked_layer_norm(a + h, fmask, width, p["ln1_w"], p["ln1_b"])
+    f = masked_ffn(h1, p, fmask, inner)
+    return masked_layer_norm(f + h1, fmask, width, p["ln2_w"], p["ln2_b"])
+
+
+def masked_context(widths, heads, D, ratio, L, dtype):
+    """Everything the masked formulation derives from the routes."""
+    dev = widths.device
+    fmask, hmask, scale = _head_masks(widths, heads, D, dtype)
+    width = widths.to(dtype)[:, None, None]
+    inner = (torch.arange(ratio * D, device=dev)[None, :]
+             < ratio * widths[:, None]).to(dtype)[:, None, :]
+    pos = torch.arange(L, device=dev)
+    causal = pos[None, :] > pos[:, None]                                  # [L, L]
+    return SimpleNamespace(fmask=fmask, hmask=hmask, scale=scale, width=width,
+                           inner=inner, causal=causal)
+
+
+class Masked(Provider):
+    name = "masked"
+
+    def forward(self, W, batch):
+        h = batch.x
+        m = masked_context(batch.widths, W["heads"], W["D"], W["ratio"], h.shape[1],
+                           h.dtype)
+        for l, p in enumerate(W["layers"]):
+            h2 = masked_layer(h, p, m.fmask, m.hmask, m.scale, m.inner, m.width,
+                              m.causal)
+            h = torch.where((batch.depths > l)[:, None, None], h2, h)
+        return h
+
+
+class LoopRoutes(Provider):
+    """One sub-batch per distinct (width, depth) route, dense PyTorch on it."""
+    name = "loop"
+
+    def forward(self, W, batch):
+        routes = (batch.widths * 1000 + batch.depths).tolist()
+        groups: dict = {}
+        for i, r in enumerate(routes):
+            groups.setdefault(r, []).append(i)
+        lens = batch.lengths.tolist()
+        out = []
+        for r, ids in groups.items():
+            w, d = divmod(r, 1000)
+            idx = torch.tensor(ids, device=batch.x.device)
+            n = max(lens[i] for i in ids)
+            x = batch.x.index_select(0, idx)[:, :n, :w]
+            for p in W["layers"][:d]:
+                x = padded_layer(x, p, w, W["heads"], W["ratio"])
+            out.append((idx, x))
+        return out
+
+    def padded(self, out, batch):
+        y = batch.x.new_zeros(batch.x.shape)
+        for idx, x in out:
+            y[idx, :x.shape[1], :x.shape[2]] = x
+        return y * batch.valid()
+
+    def loss(self, out):
+        return sum(x.float().square().mean() for _, x in out)
+
+
+def _flat_token_index(batch: Batch, order: torch.Tensor) -> torch.Tensor:
+    """Rows of x.view(B * L, D) of the real tokens, samples in `order`."""
+    B, L, dev = batch.B, batch.L, batch.x.device
+    pos = torch.arange(L, device=dev)
+    keep = (pos[None, :] < batch.lengths[order][:, None])
+    flat = order[:, None] * L + pos[None, :]
+    return flat[keep]
+
+
+class Bucket(Provider):
+    """Sort by (width, depth desc) once; each width bucket is a contiguous
+    block of packed rows kept at its own width, and every op is one plain
+    PyTorch call per bucket on the active prefix of its rows."""
+    name = "bucket"
+
+    def forward(self, W, batch):
+        widths, depths, lengths = (t.tolist() for t in
+                                   (batch.widths, batch.depths, batch.lengths))
+        order = sorted(range(batch.B), key=lambda i: (-widths[i], -depths[i]))
+        dev = batch.x.device
+        flat = batch.x.reshape(-1, batch.x.shape[-1])
+        out = []
+        s = 0
+        while s < len(order):
+            w = widths[order[s]]
+            e = s
+            while e < len(order) and widths[order[e]] == w:
+                e += 1
+            ids = order[s:e]
+            idx = torch.tensor(ids, device=dev)
+            rows = _flat_token_index(batch, idx)
+            x = flat[:, :w].index_select(0, rows)                     # [T_w, w]
+            lens = [lengths[i] for i in ids]
+            cu = [0]
+            for n in lens:
+                cu.append(cu[-1] + n)
+            x = self._bucket_layers(W, x, w, lens, cu, [depths[i] for i in ids])
+            out.append((rows, x))
+            s = e
+        return out
+
+    @staticmethod
+    def _attention(x, p, w, heads, lens):
+        """Attention on packed rows of one bucket: a view when every sample
+        has the same length, else padded through one index_copy."""
+        b, n = len(lens), max(lens)
+        if all(v == n for v in lens):
+            return padded_attention(x.view(b, n, w), p, w, heads).reshape(-1, w)
+        pos = torch.arange(n, device=x.device)
+        lt = torch.tensor(lens, device=x.device)
+        rows = (torch.arange(b, device=x.device)[:, None] * n + pos)[pos[None, :] < lt[:, None]]
+        xp = x.new_zeros(b * n, w).index_copy(0, rows, x).view(b, n, w)
+        return padded_attention(xp, p, w, heads).reshape(-1, w).index_select(0, rows)
+
+    def _bucket_layers(self, W, x, w, lens, cu, depths):
+        for l, p in enumerate(W["layers"]):
+            b = sum(1 for d in depths if d > l)        # depths sorted descending
+            if b == 0:
+                break
+            t = cu[b]
+            xa = x[:t]
+            a = self._attention(xa, p, w, W["heads"], lens[:b])
+            xa = add_ln(a, xa, p, "ln1", w)
+            xa = add_ln(ffn(xa, p, w, W["ratio"]), xa, p, "ln2", w)
+            x = xa if t == x.shape[0] else torch.cat([xa, x[t:]])
+        return x
+
+    def padded(self, out, batch):
+        B, L, D = batch.x.shape
+        y = batch.x.new_zeros(B * L, D)
+        for rows, x in out:
+            y[rows, :x.shape[1]] = x
+        return y.view(B, L, D)
+
+    def loss(self, out):
+        return sum(x.float().square().mean() for _, x in out)
+
+
+class Canet(Provider):
+    """canet ops on a route plan; `ops` has the four op functions."""
+
+    def __init__(self, name="canet-cpu", ops=CF, kind="canet", device_type="cpu"):
+        self.name, self.ops, self.kind, self.device_type = name, ops, kind, device_type
+
+    def available(self, device):
+        dev = torch.device(device).type
+        if dev != self.device_type:
+            return False, f"{self.name} runs on {self.device_type} tensors"
+        return True, ""
+
+    def forward(self, W, batch):
+        ops, H = self.ops, W["heads"]
+        plan = plan_routes(batch.lengths, batch.widths, batch.depths,
+                           num_layers=len(W["layers"]))
+        rows = _flat_token_index(batch, plan.order)
+        h = batch.x.reshape(-1, batch.x.shape[-1]).index_select(0, rows)   # [T, D]
+        finished = []
+        for l, p in enumerate(W["layers"]):
+            t_l = plan.active_tokens[l]
+            if t_l < h.shape[0]:
+                finished.append(h[t_l:])
+            if t_l == 0:
+                h = h[:0]
+                break
+            h, cu, w = plan.layer(l, h)
+            a = ops.sliced_attention(h, cu, w, p["w_qkv"], p["b_qkv"], p["w_o"],
+                                     p["b_o"], H, True)
+            h = ops.sliced_add_layernorm(a, h, cu, w, p["ln1_w"], p["ln1_b"], EPS)
+            f = ops.sliced_ffn(h, cu, w, p["w1"], p["b1"], p["w2"], p["b2"], W["ratio"])
+            h = ops.sliced_add_layernorm(f, h, cu, w, p["ln2_w"], p["ln2_b"], EPS)
+        return merge_layers(h, finished), plan
+
+    def padded(self, out, batch):
+        h, plan = out
+        return CF.unpack(h, plan.lengths, batch.L)[plan.inverse]
+
+    def loss(self, out):
+        return out[0].float().square().mean()
+
+
+# ------------------------------------------------------ triton launchers --
+
+class _TritonOps:
+    """The canet_kernels.triton launchers as the four op functions, with
+    autograd through their backward launchers (explicitly Triton, whatever
+    the dispatcher would pick)."""
+
+    def __init__(self, mod: dict):
+        self.m = mod
+
+    def sliced_linear(self, x, cu, iw, ow, weight, bias=None):
+        return _TLinear.apply(self.m, x, cu, iw, ow, weight, bias)
+
+    def sliced_attention(self, x, cu, w, w_qkv, b_qkv, w_o, b_o, heads, causal=True):
+        return _TAttention.apply(self.m, x, cu, w, w_qkv, b_qkv, w_o, b_o, heads, causal)
+
+    def sliced_ffn(self, x, cu, w, w1, b1, w2, b2, ratio=4):
+        return _TFfn.apply(self.m, x, cu, w, w1, b1, w2, b2, ratio)
+
+    def sliced_add_layernorm(self, x, res, cu, w, weight, bias, eps=EPS):
+        return _TLn.apply(self.m, x, res, cu, w, weight, bias, eps)
+
+
+class _TLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, m, x, cu, iw, ow, weight, bias):
+        ctx.m, ctx.has_bias = m, bias is not None
+        ctx.save_for_backward(x, cu, iw, ow, weight)
+        return m["sliced_linear"](x, cu, iw, ow, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, cu, iw, ow, weight = ctx.saved_tensors
+        gx, gw, gb = ctx.m["sliced_linear_backward"](g.contiguous(), x, cu, iw, ow,
+                                                     weight, ctx.has_bias)
+        return None, gx, None, None, None, gw, gb if ctx.has_bias else None
+
+
+class _TAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, m, x, cu, w, w_qkv, b_qkv, w_o, b_o, heads, causal):
+        out, qkv, actx, lse = m["sliced_attention_fwd"](x, cu, w, w_qkv, b_qkv, w_o,
+                                                        b_o, heads, causal)
+        ctx.m, ctx.heads, ctx.causal = m, heads, causal
+        ctx.save_for_backward(x, cu, w, w_qkv, w_o, qkv, actx, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, cu, w, w_qkv, w_o, qkv, actx, lse = ctx.saved_tensors
+        gx, gwqkv, gbqkv, gwo, gbo = ctx.m["sliced_attention_backward"](
+            g.contiguous(), x, cu, w, w_qkv, w_o, qkv, actx, lse, ctx.heads, ctx.causal)
+        return None, gx, None, None, gwqkv, gbqkv, gwo, gbo, None, None
+
+
+class _TFfn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, m, x, cu, w, w1, b1, w2, b2, ratio):
+        out, hidden = m["sliced_ffn_fwd"](x, cu, w, w1, b1, w2, b2, ratio)
+        ctx.m, ctx.ratio = m, ratio
+        ctx.save_for_backward(x, cu, w, w1, w2, hidden)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, cu, w, w1, w2, hidden = ctx.saved_tensors
+        gx, gw1, gb1, gw2, gb2 = ctx.m["sliced_ffn_backward"](g.contiguous(), x, cu, w,
+                                                              w1, w2, hidden, ctx.ratio)
+        return None, gx, None, None, gw1, gb1, gw2, gb2, None
+
+
+class _TLn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, m, x, res, cu, w, weight, bias, eps):
+        out, mean, rstd = m["sliced_add_layernorm_fwd"](x, res, cu, w, weight, bias, eps)
+        ctx.m = m
+        ctx.save_for_backward(x, res, cu, w, weight, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, res, cu, w, weight, mean, rstd = ctx.saved_tensors
+        gi, gw, gb = ctx.m["sliced_add_layernorm_backward"](g.contiguous(), x, res, cu, w,
+                                                           weight, mean, rstd)
+        return None, gi, gi, None, None, gw, gb, None
+
+
+_TRITON_FNS = ("sliced_linear", "sliced_linear_backward",
+               "sliced_attention_fwd", "sliced_attention_backward",
+               "sliced_ffn_fwd", "sliced_ffn_backward",
+               "sliced_add_layernorm_fwd", "sliced_add_layernorm_backward")
+
+
+BACKBONE_OPS = ("sliced_attention", "sliced_ffn", "sliced_add_layernorm")
+
+
+def triton_ops(ops=BACKBONE_OPS):
+    """(ops or None, reason): the canet_kernels.triton launchers, when each
+    of `ops` has its forward and backward launchers."""
+    try:
+        pkg = importlib.import_module("canet_kernels.triton")
+    except Exception as exc:  # noqa: BLE001  triton missing or broken
+        return None, f"canet_kernels.triton does not import ({exc})"
+    fns = {}
+    for name in _TRITON_FNS:
+        if name.replace("_backward", "").replace("_fwd", "") not in ops:
+            continue
+        fn = getattr(pkg, name, None)
+        if fn is None:
+            mod = name.replace("_backward", "").replace("_fwd", "")
+            try:
+                fn = getattr(importlib.import_module(f"canet_kernels.triton.{mod}"),
+                             name, None)
+            except Exception as exc:  # noqa: BLE001
+                return None, f"canet_kernels.triton.{mod} does not import ({exc})"
+        if fn is None:
+            return None, f"canet_kernels.triton has no launcher {name}"
+        fns[name] = fn
+    return _TritonOps(fns), "ok"
+
+
+class CanetTriton(Canet):
+    def __init__(self, ops=BACKBONE_OPS):
+        super().__init__("canet-triton", None, "canet", "cuda")
+        self.needed = ops
+
+    def available(self, device):
+        ok, why = super().available(device)
+        if not ok and not (os.environ.get("TRITON_INTERPRET") == "1"
+                           and torch.device(device).type == "cpu"):
+            return ok, why
+        if self.ops is None:
+            self.ops, why = triton_ops(self.needed)
+            if self.ops is None:
+                return False, why
+        return True, ""
+
+
+class CanetCuda(Canet):
+    def __init__(self):
+        super().__init__("canet-cuda", CF, "canet", "cuda")
+
+    def available(self, device):
+        ok, why = super().available(device)
+        if not ok:
+            return ok, why
+        from canet_kernels import _library
+        if not _library.cuda_cpp_built():
+            return False, "canet was built without csrc/cuda"
+        return True, ""
+
+
+def backbone_providers(device="cpu", names=None) -> tuple[dict, dict]:
+    """name -> Provider for the providers usable on `device` (all CPU
+    baselines run on any device), and name -> reason for the others."""
+    every = [Dense(), Masked(), LoopRoutes(), Bucket(), Canet(), CanetCuda(),
+             CanetTriton()]
+    ok, skipped = {}, {}
+    for p in every:
+        if names is not None and p.name not in names:
+            continue
+        good, why = p.available(device)
+        (ok.__setitem__(p.name, p) if good else skipped.__setitem__(p.name, why))
+    return ok, skipped
+
+
+def reference_provider() -> Canet:
+    return Canet("reference", REF, "reference")
+
+
+def run_forward(provider: Provider, W: dict, batch: Batch):
+    with torch.inference_mode():
+        return provider.forward(W, batch)
+
+
+def train_step(provider: Provider, W: dict, batch: Batch, x_grad: bool = True):
+    """Forward + backward of the loss; gradients land on W's leaves."""
+    for t in weight_tensors(W):
+        t.grad = None
+    b = batch
+    if x_grad:
+        b = Batch(batch.x.detach().requires_grad_(), batch.lengths, batch.widths,
+                  batch.depths)
+    loss = provider.loss(provider.forward(W, b))
+    loss.backward()
+    return loss.detach()
+
+
+
+# ------------------------------------------------------------------ ops ----
+# One op on one batch, each provider in its own layout; the layout (and the
+# route plan) is built once per batch outside the timed call, as a model
+# builds it once for all its layers. `sliced_linear` runs a square D x D
+# weight at in = out = each sample's width; `sliced_add_layernorm` gets a
+# second input as the residual.
+
+OP_PROVIDERS = ("dense", "masked", "loop", "bucket", "canet-cpu", "canet-cuda",
+                "canet-triton")
+
+
+def _linear_w(p):
+    return p["w_o"], p["b_o"]
+
+
+def _plain_op(op, p, x, r, w, heads, ratio, lens=None):
+    """The op at width w on x ([b, n, w] padded, or [T, w] packed rows with
+    `lens` for attention) with plain PyTorch."""
+    if op == "sliced_attention":
+        if x.dim() == 3:
+            return padded_attention(x, p, w, heads)
+        return Bucket._attention(x, p, w, heads, lens)
+    if op == "sliced_ffn":
+        return ffn(x, p, w, ratio)
+    if op == "sliced_add_layernorm":
+        return add_ln(x, r, p, "ln1", w)
+    if op == "sliced_linear":
+        wt, b = _linear_w(p)
+        return F.linear(x, wt[:w, :w], b[:w])
+    raise ValueError(f"unknown op {op!r}")
+
+
+def _groups(keys):
+    out: dict = {}
+    for i, k in enumerate(keys):
+        out.setdefault(k, []).append(i)
+    return out
+
+
+class OpCase:
+    """One op benchmark: `prepare(name)` builds a provider's input layout,
+    `call(name, state)` runs the op (the timed part)."""
+
+    def __init__(self, op, p, batch, residual, heads=HEADS, ratio=RATIO):
+        self.op, self.p, self.batch, self.res = op, p, batch, residual
+        self.heads, self.ratio = heads, ratio
+        self.D = batch.x.shape[-1]
+
+    def available(self, name, device):
+        if name in ("canet-cuda", "canet-triton"):
+            prov = CanetCuda() if name == "canet-cuda" else CanetTriton((self.op,))
+            ok, why = prov.available(device)
+            if ok:
+                self._ops = getattr(self, "_ops", {})
+                self._ops[name] = prov.ops
+            return ok, why
+        if name == "canet-cpu":
+            return Canet().available(device)
+        return (True, "") if name in OP_PROVIDERS + ("reference",) else (False, "unknown")
+
+    def prepare(self, name, grad=False):
+        b, op = self.batch, self.op
+
+        def leaf(t):
+            return t.detach().clone().requires_grad_(grad)
+        if name in ("dense", "masked"):
+            st = SimpleNamespace(x=leaf(b.x), r=leaf(self.res))
+            if name == "masked":
+                st.m = masked_context(b.widths, self.heads, self.D, self.ratio, b.L,
+                                      b.x.dtype)
+            return st
+        if name == "loop":
+            keys = (b.widths * 1000 + b.depths).tolist()
+            lens = b.lengths.tolist()
+            subs = []
+            for k, ids in _groups(keys).items():
+                w = k // 1000
+                idx = torch.tensor(ids, device=b.x.device)
+                n = max(lens[i] for i in ids)
+                subs.append((w, leaf(b.x.index_select(0, idx)[:, :n, :w]),
+                             leaf(self.res.index_select(0, idx)[:, :n, :w])))
+            return SimpleNamespace(subs=subs)
+        if name == "bucket":
+            widths, lens = b.widths.tolist(), b.lengths.tolist()
+            order = sorted(range(b.B), key=lambda i: -widths[i])
+            subs = []
+            flat = b.x.reshape(-1, self.D)
+            rflat = self.res.reshape(-1, self.D)
+            for w, ids in _groups([widths[i] for i in order]).items():
+                ids = [order[i] for i in ids]
+                rows = _flat_token_index(b, torch.tensor(ids, device=b.x.device))
+                subs.append((w, leaf(flat[:, :w].index_select(0, rows)),
+                             leaf(rflat[:, :w].index_select(0, rows)),
+                             [lens[i] for i in ids]))
+            return SimpleNamespace(subs=subs)
+        # canet: route-sorted packed rows, as plan_routes lays them out
+        plan = plan_routes(b.lengths, b.widths, b.depths)
+        rows = _flat_token_index(b, plan.order)
+        x = b.x.reshape(-1, self.D).index_select(0, rows)
+        r = self.res.reshape(-1, self.D).index_select(0, rows)
+        ops = {"canet-cpu": CF, "reference": REF}.get(name)
+        if ops is None:
+            ops = self._ops[name]
+        return SimpleNamespace(x=leaf(x), r=leaf(r), cu=plan.cu_seqlens,
+                               w=plan.widths, ops=ops)
+
+    def call(self, name, st):
+        op, p, H, ratio, D = self.op, self.p, self.heads, self.ratio, self.D
+        if name == "dense":
+            return _plain_op(op, p, st.x, st.r, D, H, ratio)
+        if name == "masked":
+            m = st.m
+            if op == "sliced_attention":
+                return masked_attention(st.x, p, m.fmask, m.hmask, m.scale, m.causal)
+            if op == "sliced_ffn":
+                return masked_ffn(st.x, p, m.fmask, m.inner)
+            if op == "sliced_add_layernorm":
+                return masked_layer_norm(st.x + st.r, m.fmask, m.width, p["ln1_w"],
+                                         p["ln1_b"])
+            wt, bias = _linear_w(p)
+            return F.linear(st.x, wt, bias) * m.fmask
+        if name == "loop":
+            return [_plain_op(op, p, x, r, w, H, ratio) for w, x, r in st.subs]
+        if name == "bucket":
+            return [_plain_op(op, p, x, r, w, H, ratio, lens) for w, x, r, lens in st.subs]
+        o = st.ops
+        if op == "sliced_attention":
+            return o.sliced_attention(st.x, st.cu, st.w, p["w_qkv"], p["b_qkv"], p["w_o"],
+                                      p["b_o"], H, True)
+        if op == "sliced_ffn":
+            return o.sliced_ffn(st.x, st.cu, st.w, p["w1"], p["b1"], p["w2"], p["b2"],
+                                ratio)
+        if op == "sliced_add_layernorm":
+            return o.sliced_add_layernorm(st.x, st.r, st.cu, st.w, p["ln1_w"],
+                                          p["ln1_b"], EPS)
+        wt, bias = _linear_w(p)
+        return o.sliced_linear(st.x, st.cu, st.w, st.w, wt, bias)
+
+    def to_padded(self, name, st, out):
+        """[B, L, D] caller order, real tokens only (for checks)."""
+        b = self.batch
+        B, L, D = b.x.shape
+        if name in ("dense", "masked"):
+            y = out
+        elif name == "loop":
+            y = b.x.new_zeros(B, L, D)
+            keys = (b.widths * 1000 + b.depths).tolist()
+            for (k, ids), o in zip(_groups(keys).items(), out):
+                idx = torch.tensor(ids, device=b.x.device)
+                y[idx, :o.shape[1], :o.shape[2]] = o
+        elif name == "bucket":
+            y = b.x.new_zeros(B * L, D)
+            widths = b.widths.tolist()
+            order = sorted(range(b.B), key=lambda i: -widths[i])
+            for (w, ids), o in zip(_groups([widths[i] for i in order]).items(), out):
+                rows = _flat_token_index(b, torch.tensor([order[i] for i in ids],
+                                                         device=b.x.device))
+                y[rows, :w] = o
+            y = y.view(B, L, D)
+        else:
+            plan = plan_routes(b.lengths, b.widths, b.depths)
+            y = CF.unpack(out, plan.lengths, L)[plan.inverse]
+        return y * b.valid()
+
+
+def op_loss(out):
+    if isinstance(out, list):
+        return sum(o.float().square().mean() for o in out)
+    return out.float().square().mean()

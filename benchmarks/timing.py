@@ -1,0 +1,200 @@
+"""Timing, memory and machine-description utilities of the benchmarks.
+
+Providers are timed interleaved (round-robin, the start rotating every
+round) so that slow drifts of a shared machine hit every provider alike;
+each sample is the mean of `number` back-to-back calls, calibrated once so a
+sample lasts at least `min_sample_s`. Reported: median, quartiles, min, max.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _once(fn: Callable, number: int, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(number):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / number
+
+
+def summarize(samples: list) -> dict:
+    """Seconds -> milliseconds statistics."""
+    ms = sorted(s * 1e3 for s in samples)
+    q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
+    med = statistics.median(ms)
+    return {"median_ms": med, "p25_ms": q[0], "p75_ms": q[2], "min_ms": ms[0],
+            "max_ms": ms[-1], "iqr_pct": 100 * (q[2] - q[0]) / med if med else 0.0,
+            "samples": len(ms)}
+
+
+def interleaved(fns: dict, rounds: int = 15, warmup: int = 2, device="cpu",
+                min_sample_s: float = 0.02, max_number: int = 1000,
+                budget_s: float | None = None) -> dict:
+    """Times every callable of `fns` (name -> fn) round-robin.
+
+    Returns name -> summary dict (see `summarize`), plus `number` (calls per
+    sample). With `budget_s` the rounds stop early (never below 3) once the
+    estimated time runs out.
+    """
+    names = list(fns)
+    number = {}
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+        t = _once(fns[name], 1, device)
+        number[name] = max(1, min(max_number, int(min_sample_s / max(t, 1e-7))))
+    samples = {n: [] for n in names}
+    start = time.perf_counter()
+    for r in range(rounds):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            samples[name].append(_once(fns[name], number[name], device))
+        if budget_s is not None and r >= 2:
+            spent = time.perf_counter() - start
+            if spent / (r + 1) * (r + 2) > budget_s:
+                break
+    out = {}
+    for name in names:
+        out[name] = summarize(samples[name])
+        out[name]["number"] = number[name]
+    return out
+
+
+def latencies(fn: Callable, n: int, warmup: int = 3, device="cpu") -> dict:
+    """Per-call latency percentiles (serving): every call timed alone."""
+    for _ in range(warmup):
+        fn()
+    ts = [_once(fn, 1, device) * 1e3 for _ in range(n)]
+    ts.sort()
+
+    def pct(p):
+        return ts[min(len(ts) - 1, int(round(p / 100 * (len(ts) - 1))))]
+    return {"p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
+            "mean_ms": statistics.fmean(ts), "min_ms": ts[0], "calls": n}
+
+
+# ---------------------------------------------------------------- memory --
+
+def peak_memory_bytes(fn: Callable, device="cpu") -> tuple[float, str]:
+    """Peak bytes allocated by one call of `fn` above what was live before.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: the allocation and free
+    events torch.profiler(profile_memory=True) records for torch's CPU
+    allocator, replayed in order (tensors only; Python objects and BLAS
+    scratch are not seen). Returns (bytes, method).
+    """
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - base), \
+            "torch.cuda.max_memory_allocated"
+    from torch.profiler import ProfilerActivity, profile
+    with _quiet_stderr():  # kineto logs its start and stop on fd 2
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = [e for e in prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return float(peak), "torch.profiler profile_memory (CPU allocator events, replayed)"
+
+
+class _quiet_stderr:
+    def __enter__(self):
+        try:
+            sys.stderr.flush()
+            self.saved = os.dup(2)
+            self.null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(self.null, 2)
+        except OSError:
+            self.saved = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            os.dup2(self.saved, 2)
+            os.close(self.saved)
+            os.close(self.null)
+        return False
+
+
+# --------------------------------------------------------------- machine --
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                             capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10)
+        return commit + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info(device="cpu") -> dict:
+    info = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "canet_commit": _git_commit(),
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        import canet_kernels
+        info["canet"] = canet_kernels.__version__
+    except ImportError:
+        info["canet"] = None
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def machine_name(info: dict) -> str:
+    s = f"{info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch threads)"
+    if info.get("gpu"):
+        s = f"{info['gpu']} + " + s
+    return s

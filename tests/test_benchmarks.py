@@ -1,0 +1,183 @@
+"""The benchmark providers compute what canet computes (so no baseline is
+timed doing something else), and the suite runs end to end (--smoke)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import flops as FL  # noqa: E402
+from benchmarks import providers as P  # noqa: E402
+
+D, LAYERS = 32, 3
+ROUTED = ("masked", "loop", "bucket", "canet-cpu")
+
+
+def small_batch(all_max=False):
+    # odd lengths, a length-1 sample, every width and depth mixed
+    lengths = torch.tensor([7, 1, 5, 7, 3, 6, 2, 7])
+    if all_max:
+        widths, depths = torch.full((8,), D), torch.full((8,), LAYERS)
+    else:
+        widths = torch.tensor([32, 16, 24, 32, 8, 16, 24, 32])
+        depths = torch.tensor([3, 1, 2, 1, 3, 2, 3, 2])
+    return P.make_batch(widths, depths, 7, D, lengths=lengths)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return P.make_weights(D, LAYERS, heads=4, seed=3)
+
+
+def reference(W, batch):
+    ref = P.reference_provider()
+    return ref.padded(P.run_forward(ref, W, batch), batch)
+
+
+def padded_out(name, W, batch):
+    provs, _ = P.backbone_providers("cpu", [name])
+    p = provs[name]
+    return p.padded(P.run_forward(p, W, batch), batch) * batch.valid()
+
+
+@pytest.mark.parametrize("name", ROUTED)
+def test_backbone_matches_reference(weights, name):
+    batch = small_batch()
+    want = reference(weights, batch)
+    got = padded_out(name, weights, batch)
+    err = (got - want).abs().max().item()
+    assert err < 1e-4, f"{name}: max abs error {err:.3g} against the reference"
+
+
+def test_dense_matches_reference_at_max_route(weights):
+    batch = small_batch(all_max=True)
+    want = reference(weights, batch)
+    got = padded_out("dense", weights, batch)
+    err = (got - want).abs().max().item()
+    assert err < 1e-4, f"dense: max abs error {err:.3g} at the max route"
+
+
+def _grads(name, W, batch):
+    provs, _ = P.backbone_providers("cpu", [name])
+    p = provs[name] if name != "reference" else P.reference_provider()
+    Wt = P.trainable(W)
+    out = p.padded(p.forward(Wt, batch), batch) * batch.valid()
+    out.square().sum().backward()
+    return [t.grad for t in P.weight_tensors(Wt)]
+
+
+@pytest.mark.parametrize("name", ROUTED)
+def test_backbone_gradients_match_reference(weights, name):
+    batch = small_batch()
+    want = _grads("reference", weights, batch)
+    got = _grads(name, weights, batch)
+    for i, (g, w) in enumerate(zip(got, want)):
+        g = torch.zeros_like(w) if g is None else g
+        w = torch.zeros_like(g) if w is None else w
+        err = (g - w).abs().max().item()
+        assert err < 1e-3 * (1 + w.abs().max().item()), \
+            f"{name}: weight tensor {i} gradient error {err:.3g}"
+
+
+@pytest.mark.parametrize("op", FL.OPS)
+@pytest.mark.parametrize("name", ("masked", "loop", "bucket", "canet-cpu"))
+def test_ops_match_reference(weights, op, name):
+    batch = small_batch()
+    res = P.make_batch(batch.widths, batch.depths, 7, D, lengths=batch.lengths, seed=9).x
+    case = P.OpCase(op, weights["layers"][0], batch, res)
+    st = case.prepare("reference")
+    want = case.to_padded("reference", st, case.call("reference", st))
+    st = case.prepare(name, grad=True)
+    out = case.call(name, st)
+    P.op_loss(out).backward()       # the training step runs too
+    got = case.to_padded(name, st, [o.detach() for o in out] if isinstance(out, list)
+                         else out.detach())
+    err = (got - want).abs().max().item()
+    assert err < 1e-4, f"{op} / {name}: max abs error {err:.3g}"
+
+
+def test_flop_ratio_counts():
+    # one sample at full width and depth is the dense model
+    assert FL.backbone_flops([50], [128], [8]) == FL.dense_flops(1, 50, 128, 8)
+    # projections + FFN scale with w^2, attention with w
+    n, w = 10, 64
+    assert FL.layer_flops(n, w) == 24 * n * w * w + 4 * (n * (n + 1) / 2) * w
+
+
+def test_route_mix_json(tmp_path):
+    path = tmp_path / "mix.json"
+    path.write_text(json.dumps({"routes": [{"hidden": 64, "depth": 2, "share": 3},
+                                           {"hidden": 128, "depth": 8, "share": 1}]}))
+    mix = P.load_route_mix(str(path))
+    assert mix == {(64, 2): 0.75, (128, 8): 0.25}
+    w, d = P.sample_routes(64, mix)
+    assert set(w.tolist()) <= {64, 128} and set(d.tolist()) <= {2, 8}
+
+
+def test_suite_smoke(tmp_path):
+    out = tmp_path / "results"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads((out / "results_cpu.json").read_text())
+    errors = [row for row in doc["rows"] if row.get("error")]
+    assert not errors, errors
+    sections = {row["section"] for row in doc["rows"]}
+    assert {"model", "ops", "padding", "memory", "serving"} <= sections
+    provs = {row["provider"] for row in doc["rows"] if row["section"] == "model"}
+    assert {"dense", "masked", "loop", "bucket", "canet-cpu"} <= provs
+    assert (out / "results_cpu.csv").exists()
+    assert (out / "latest.md").read_text().startswith("### canet benchmarks on")
+
+
+def test_route_mix_from_route_stats_table(tmp_path):
+    path = tmp_path / "stats.txt"
+    path.write_text("route  emb  hidden  depth  flop-ratio   users   share\n"
+                    "    0   64      64      2       0.100      30   30.0%\n"
+                    "   12   96      64      2       0.110      10   10.0%\n"
+                    "   35  128     128      8       1.000      60   60.0%\n"
+                    "mean FLOP ratio 0.640 (36.0% fewer than the max route)\n")
+    assert P.load_route_mix(str(path)) == {(64, 2): 0.4, (128, 8): 0.6}
+
+
+TRITON_SCRIPT = """
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import torch
+from benchmarks import providers as P
+import test_benchmarks as T
+W = P.make_weights(T.D, 1, heads=4, seed=3)
+b = T.small_batch()
+b.depths.clamp_(max=1)
+provs, skipped = P.backbone_providers("cpu", ["canet-triton"])
+assert "canet-triton" in provs, skipped
+p = provs["canet-triton"]
+want = T.reference(W, b)
+got = p.padded(P.run_forward(p, W, b), b) * b.valid()
+assert (got - want).abs().max().item() < 1e-4
+g_ref = T._grads("reference", W, b)
+Wt = P.trainable(W)
+(p.padded(p.forward(Wt, b), b) * b.valid()).square().sum().backward()
+for t, r in zip(P.weight_tensors(Wt), g_ref):
+    assert (t.grad - r).abs().max().item() < 1e-3 * (1 + r.abs().max().item())
+print("ok")
+"""
+
+
+def test_triton_provider_in_interpreter():
+    """The canet-triton provider (launchers + their autograd) on CPU tensors
+    under TRITON_INTERPRET=1, against the reference."""
+    pytest.importorskip("triton")
+    code = TRITON_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
