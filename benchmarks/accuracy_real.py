@@ -6,6 +6,12 @@ code with every route fixed to the max; CANet trains the router with the
 FLOP budget. Targets: CANet NDCG@10 >= 0.99 x dense with >= 55% fewer
 routed FLOPs.
 
+CANet here: --warmup-epochs of sandwich supernet training (router off), then
+the router with the CANet losses; before every validation the inference
+cost bias is set on validation users so the argmax routes meet --flop-target
+(--no-calibrate: plain argmax). Results and commands of the runs made so far:
+benchmarks/results/accuracy/README.md.
+
     python benchmarks/accuracy_real.py --epochs 60
     python benchmarks/accuracy_real.py --datasets LastFM --epochs 1 --limit-users 200  # smoke
 
@@ -51,6 +57,16 @@ def parse():
     p.add_argument("--flop-target", type=float, default=0.40,
                    help="router's FLOP budget (below the 0.45 goal for slack)")
     p.add_argument("--budget-weight", type=float, default=1.0)
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="plain argmax routes (default: the inference cost bias is set "
+                        "on validation users so the routes meet --flop-target)")
+    p.add_argument("--warmup-epochs", type=int, default=10,
+                   help="CANet: epochs of sandwich supernet training before the router "
+                        "(10 measured on LastFM; use fewer when only a few epochs fit)")
+    p.add_argument("--max-train-minutes", type=float, default=None,
+                   help="per model: stop after the epoch that passes this training time")
+    p.add_argument("--models", nargs="+", default=["dense", "canet"],
+                   choices=["dense", "canet"])
     p.add_argument("--patience", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=1)
     p.add_argument("--no-mask-seen", action="store_true",
@@ -84,10 +100,15 @@ def main():
                            num_heads=a.heads, dropout=a.dropout,
                            flop_target=a.flop_target, budget_weight=a.budget_weight)
         runs = {}
-        for kind in (("canet",) if a.skip_dense else ("dense", "canet")):
+        kinds = [k for k in a.models if not (a.skip_dense and k == "dense")]
+        for kind in kinds:
             tcfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                                seed=a.seed, patience=a.patience, eval_every=a.eval_every,
                                mask_seen=not a.no_mask_seen, progress=not a.no_progress,
+                               calibrate_flops=not a.no_calibrate,
+                               warmup_epochs=a.warmup_epochs if kind == "canet" else 0,
+                               max_train_seconds=(a.max_train_minutes * 60
+                                                  if a.max_train_minutes else None),
                                fixed_route=mcfg.max_route if kind == "dense" else None)
             out = os.path.join(a.run_dir, name, kind)
             resume = a.resume and os.path.exists(os.path.join(out, "last.safetensors"))
@@ -107,7 +128,7 @@ def main():
                 print(route_table(mcfg, res["test"]["route_counts"]))
         entry = {"protocol": protocol(tcfg) + f", max length {a.max_len}",
                  "users": len(ds.sequences), "items": ds.n_items, **runs}
-        if "dense" in runs:
+        if "dense" in runs and "canet" in runs:
             dn, cn = runs["dense"]["test"], runs["canet"]["test"]
             ratio = cn["ndcg@10"] / dn["ndcg@10"] if dn["ndcg@10"] > 0 else float("nan")
             saved = 1 - cn["flop_ratio"]

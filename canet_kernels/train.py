@@ -47,6 +47,16 @@ class TrainConfig:
     mask_seen: bool = False
     eval_batch_size: int = 256
     progress: bool = True
+    # Before each evaluation, set the model's inference cost bias on the
+    # validation users so its argmax routes meet model.flop_target (see
+    # CANet.calibrate_cost_bias); off = plain argmax.
+    calibrate_flops: bool = True
+    # Epochs of supernet warm-up before the router trains: routes sampled per
+    # sample (a quarter max, a quarter min, the rest uniform: "sandwich"), CE only.
+    warmup_epochs: int = 0
+    # stop after the first epoch that brings training time past this (a
+    # wall-time budget for slow machines); None = no limit
+    max_train_seconds: float | None = None
 
     def to_dict(self):
         d = asdict(self)
@@ -63,7 +73,7 @@ class TrainConfig:
 
 
 # Settings that may change on --resume without changing the run.
-_RESUMABLE = {"epochs", "progress", "patience", "eval_batch_size"}
+_RESUMABLE = {"epochs", "progress", "patience", "eval_batch_size", "max_train_seconds"}
 
 
 def set_seed(seed: int):
@@ -113,6 +123,36 @@ def evaluate(model: CANet, es: EvalSet, ks=(10, 20), mask_seen=False,
     res["flop_ratio"] = flop_ratio(model.cfg, counts)
     res["route_counts"] = counts.tolist()
     return res
+
+
+@torch.no_grad()
+def router_logits(model: CANet, es: EvalSet, batch_size=256):
+    """Router logits [U, R] of every user of `es` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    out = [model.router(*_batch(es, idx)) for idx in batches(len(es), batch_size)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def calibrate(model: CANet, es: EvalSet, batch_size=256):
+    """Sets the inference cost bias on `es` (validation users) so the mean
+    FLOP ratio of the routes meets model.cfg.flop_target. Returns the bias."""
+    if model.cfg.flop_target is None:
+        return float(model.cost_bias)
+    return model.calibrate_cost_bias(router_logits(model, es, batch_size),
+                                     model.cfg.flop_target)
+
+
+def sandwich_routes(cfg: CANetConfig, n: int, gen: torch.Generator):
+    """Warm-up routes [n]: a quarter on the max route, a quarter on the min,
+    the rest uniform, so the largest and smallest sub-networks and the ones
+    in between are all trained."""
+    r = torch.randint(cfg.num_routes, (n,), generator=gen)
+    u = torch.rand(n, generator=gen)
+    r[u < 0.25] = cfg.max_route
+    r[(u >= 0.25) & (u < 0.5)] = 0
+    return r
 
 
 def flop_ratio(cfg: CANetConfig, counts) -> float:
@@ -201,6 +241,7 @@ def load_model(out_dir, which="best") -> tuple[CANet, dict]:
     state = load_file(path)
     if which == "last":
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    state.setdefault("cost_bias", model.cost_bias)  # checkpoints from before the bias
     model.load_state_dict(state)
     return model.eval(), cfg
 
@@ -257,8 +298,10 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
         old = read_config(out_dir)
         if old["model"] != model_cfg.to_dict():
             raise ValueError(f"{out_dir}: model config differs from the checkpoint's")
+        # settings added after a checkpoint was written count as their defaults
+        defaults = TrainConfig().to_dict()
         diff = {k for k, v in tcfg.to_dict().items()
-                if old["train"].get(k) != v and k not in _RESUMABLE}
+                if old["train"].get(k, defaults[k]) != v and k not in _RESUMABLE}
         if diff:
             raise ValueError(f"{out_dir}: training settings {sorted(diff)} differ "
                              "from the checkpoint's")
@@ -283,6 +326,8 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
             lengths = tr.lengths[idx]
             L = int(lengths.max())
             routes = _fixed(model, len(idx), tcfg.fixed_route)
+            if routes is None and epoch <= tcfg.warmup_epochs:
+                routes = sandwich_routes(model.cfg, len(idx), gen)
             loss, st = model.loss(tr.items[idx, :L], lengths, tr.targets[idx, :L],
                                   routes=routes, path=tcfg.path)
             opt.zero_grad(set_to_none=True)
@@ -300,6 +345,8 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
         if "ce" in rec:
             msg += f" ce {rec['ce']:.4f} train flop ratio {rec['flop_ratio']:.3f}"
         if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
+            if tcfg.fixed_route is None and tcfg.calibrate_flops:
+                rec["cost_bias"] = calibrate(model, split.valid, tcfg.eval_batch_size)
             val = evaluate(model, split.valid, tcfg.ks, tcfg.mask_seen,
                            tcfg.eval_batch_size, route=tcfg.fixed_route, path=tcfg.path)
             rec["valid"] = {k: v for k, v in val.items() if k != "route_counts"}
@@ -317,6 +364,10 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
                 if tcfg.patience is not None and state["bad_evals"] >= tcfg.patience:
                     state["stopped"] = True
                     msg += " (early stop)"
+        if (tcfg.max_train_seconds is not None and not state["stopped"]
+                and state["train_seconds"] >= tcfg.max_train_seconds):
+            state["stopped"] = True
+            msg += " (time budget spent)"
         state["history"].append(rec)
         state["epoch"] = epoch
         log(msg)

@@ -11,6 +11,13 @@ Losses (weights in CANetConfig):
   budget   relu(E[FLOP ratio] - target), the expectation under the router's
            softmax of each route's analytic FLOP ratio (route / max route)
 
+Inference routes are argmax(logits - cost_bias * FLOP ratio). The budget loss
+constrains the *soft* distribution seen in training, but the deployed argmax
+can sit far above it (near-uniform softmax, argmax on the large routes), so
+`cost_bias` (a buffer, 0 by default, saved with the weights) is set after
+training on validation users by `calibrate_cost_bias` to the smallest value
+whose argmax routes meet the FLOP target.
+
 Router gradient: the routes are hard (straight-through Gumbel-softmax one-hot
 in training), so each sample's final hidden state is multiplied by the
 straight-through weight of its chosen route. The value is 1 in the forward
@@ -58,6 +65,8 @@ class CANet(nn.Module):
         self.register_buffer("route_ratio", torch.tensor(cfg.route_flop_ratios(),
                                                          dtype=torch.float64),
                              persistent=False)
+        # inference-time price of compute per unit of FLOP ratio (see module doc)
+        self.register_buffer("cost_bias", torch.zeros((), dtype=torch.float64))
 
     # ------------------------------------------------------------ routing --
     def route(self, items, lengths) -> Routing:
@@ -70,7 +79,41 @@ class CANet(nn.Module):
             routes = g.argmax(-1)
             gate = g.gather(1, routes[:, None]).squeeze(1)
             return Routing(routes, gate, logits)
-        return Routing(logits.argmax(-1), None, logits)
+        return Routing(self.pick(logits), None, logits)
+
+    def pick(self, logits, cost_bias=None):
+        """Deterministic inference routes: argmax of the logits less the
+        price of each route's FLOP ratio."""
+        c = self.cost_bias if cost_bias is None else cost_bias
+        if float(c) == 0.0:
+            return logits.argmax(-1)
+        adj = logits.double() - float(c) * self.route_ratio[None]
+        return adj.argmax(-1)
+
+    @torch.no_grad()
+    def calibrate_cost_bias(self, logits, target: float, iters: int = 50) -> float:
+        """Sets `cost_bias` to the smallest value >= 0 whose routes for
+        `logits` [N, R] (router outputs of held-out users, not test users)
+        have mean FLOP ratio <= target; the chosen route's FLOP ratio does
+        not increase with the bias, so bisection applies. Returns the bias."""
+        ratio = self.route_ratio
+
+        def mean_ratio(c):
+            return float(ratio[self.pick(logits, c)].mean())
+
+        if mean_ratio(0.0) <= target:
+            c = 0.0
+        else:
+            hi = 1.0
+            while mean_ratio(hi) > target and hi < 1e6:
+                hi *= 2
+            lo = 0.0
+            for _ in range(iters):
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if mean_ratio(mid) <= target else (mid, hi)
+            c = hi
+        self.cost_bias.fill_(c)
+        return c
 
     def fixed_routes(self, batch: int, route: int | None = None, device=None):
         """Every sample on one route (default: the max, i.e. the dense model)."""
