@@ -2,6 +2,7 @@
 the comparison of a backend against the plain-PyTorch reference."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 # Odd sizes on purpose: 1, 7, 97 tokens, a zero-length sample, widths that
@@ -81,3 +82,15 @@ def assert_zero_beyond(t, cu, widths):
         tail = t[s:e, w:]
         assert tail.abs().max().item() == 0 if tail.numel() else True, \
             f"sample {b}: nonzero beyond width {w}"
+
+
+# Use in a test module with `from helpers import one_thread` (autouse).
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a shared
+    2-core machine intra-op threads waiting on each other make these tests
+    many times slower; the setting is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

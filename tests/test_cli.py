@@ -22,15 +22,7 @@ TINY = ["--synthetic-users", "60", "--synthetic-items", "60", "--max-len", "12",
         "--heads", "2", "--batch-size", "16", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a shared
-    2-core machine intra-op threads waiting on each other make these tests
-    many times slower; the setting is restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from helpers import one_thread  # noqa: E402,F401  (autouse fixture)
 
 
 def run_cli(args, capsys):

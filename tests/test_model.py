@@ -15,15 +15,7 @@ KERNELS = all(_library.has_kernel(op, "CPU") for op in (
     "sliced_linear", "sliced_attention_fwd", "sliced_ffn_fwd", "sliced_add_layernorm_fwd"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a shared
-    2-core machine intra-op threads waiting on each other make these tests
-    many times slower; the setting is restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from helpers import one_thread  # noqa: E402,F401  (autouse fixture)
 
 
 @pytest.fixture(autouse=True)
