@@ -383,21 +383,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
   check_like(b_qkv, x_, kOp, "b_qkv", {3, D});
   check_like(b_o, x_, kOp, "b_o", {D});
   const auto x = x_.contiguous(), w_qkv = w_qkv_.contiguous(), w_o = w_o_.contiguous();
-  // Zero-filled up front: one contiguous pass also takes the first-touch page
-  // faults of the fresh buffers, cheaper than zeroing strided tails later.
-  auto qkv = at::zeros({T, 3, D}, x.options());
-  auto ctx = at::zeros({T, D}, x.options());
+  // Columns beyond each run's width are zeroed after the leading columns of
+  // its rows were written (and the fresh pages faulted in): cheaper than
+  // zero-filling whole buffers first.
+  auto qkv = at::empty({T, 3, D}, x.options());
+  auto ctx = at::empty({T, D}, x.options());
   auto lse = at::empty({T, num_heads}, x.options().dtype(acc_type(x.scalar_type())));
-  auto out = at::zeros({T, D}, x.options());
+  auto out = at::empty({T, D}, x.options());
   project_qkv(x, w_qkv, b_qkv, qkv, c.runs);
+  for (const Run& r : c.runs) qkv.slice(0, r.row0, r.row1).slice(2, r.in_w, D).zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "sliced_attention_fwd", [&] {
     attention_fwd<scalar_t>(qkv, ctx, lse, c.tasks, num_heads, causal);
   });
   flash_fwd(qkv, ctx, lse, c.groups, num_heads, causal);
   for (const Run& r : c.runs) {
+    block(ctx, r, r.in_w, D).zero_();
     addmm_into(block(out, r, 0, r.in_w), b_o.slice(0, 0, r.in_w),
                block(ctx, r, 0, r.in_w), w_o.slice(0, 0, r.in_w).slice(1, 0, r.in_w).t());
+    block(out, r, r.in_w, D).zero_();
   }
   return {out, qkv, ctx, lse};
 }

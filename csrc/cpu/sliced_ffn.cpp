@@ -33,18 +33,24 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(
   check_like(b1, x_, kOp, "b1", {w1_.size(0)});
   check_like(b2, x_, kOp, "b2", {x_.size(1)});
   const auto x = x_.contiguous(), w1 = w1_.contiguous(), w2 = w2_.contiguous();
-  // Zero-filled up front (cheaper than zeroing strided tails of fresh memory).
-  auto hidden = at::zeros({save_hidden ? x.size(0) : 0, w1.size(0)}, x.options());
-  auto out = at::zeros_like(x);
+  // Columns beyond each run's width are zeroed after the GEMMs have written
+  // (and faulted in) the rows: cheaper than zero-filling whole buffers first.
+  const int64_t I = w1.size(0), D = x.size(1);
+  auto hidden = at::empty({save_hidden ? x.size(0) : 0, I}, x.options());
+  auto out = at::empty_like(x);
   for (const Run& r : runs) {
     const int64_t w = r.in_w, inner = ratio * w;
     // A contiguous pre-activation keeps GELU and the second GEMM on dense
     // memory; the copy into `hidden` (saved for backward) is cheap beside it.
     auto h = at::addmm(b1.slice(0, 0, inner), block(x, r, 0, w),
                        w1.slice(0, 0, inner).slice(1, 0, w).t());
-    if (save_hidden) block(hidden, r, 0, inner).copy_(h);
     addmm_into(block(out, r, 0, w), b2.slice(0, 0, w), at::gelu(h),
                w2.slice(0, 0, w).slice(1, 0, inner).t());
+    block(out, r, w, D).zero_();
+    if (save_hidden) {
+      block(hidden, r, 0, inner).copy_(h);
+      block(hidden, r, inner, I).zero_();
+    }
   }
   return {out, hidden};
 }
