@@ -63,15 +63,9 @@ class Proto(P.Canet):
         h = batch.x.reshape(-1, batch.x.shape[-1]).index_select(0, rows)
         cu = plan.cu_seqlens.tolist()
         widths, lens = plan.widths.tolist(), plan.lengths.tolist()
-        finished = []
-        for l, p in enumerate(W["layers"]):
-            b_l, t_l = plan.active_samples[l], plan.active_tokens[l]
-            if t_l < h.shape[0]:
-                finished.append(h[t_l:])
-            if t_l == 0:
-                h = h[:0]
-                break
-            h, cu_t, w_t = plan.layer(l, h)
+
+        def run(p, h, cu_t, w_t):
+            b_l = w_t.shape[0]
             runs, s = [], 0
             while s < b_l:
                 e = s
@@ -89,7 +83,9 @@ class Proto(P.Canet):
             h = torch.zeros_like(h1)
             for r0, r1, w, _ in runs:
                 h[r0:r1, :w] = P.add_ln(f[r0:r1, :w], h1[r0:r1, :w], p, "ln2", w)
-        return P.merge_layers(h, finished), plan
+            return h
+
+        return P.run_layers(plan, h, W["layers"], run), plan
 
 
 def width_bound(W, widths, depths, seq_len, rounds):

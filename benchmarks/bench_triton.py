@@ -122,21 +122,15 @@ class DispatchOps:
 def routed_forward(ops, x, plan, weights):
     """The routed stack: layer l runs on the prefix of samples deeper than l;
     rows of samples that stop are set aside and merged back at the end."""
-    from canet_kernels.routing import merge_layers
-    finished = []
-    h = x
-    for layer, p in enumerate(weights):
-        if layer >= len(plan.active_tokens) or plan.active_tokens[layer] == 0:
-            break
-        t, b = plan.active_tokens[layer], plan.active_samples[layer]
-        if t < h.shape[0]:
-            finished.append(h[t:])
-        h, cu, w = h[:t], plan.cu_seqlens[:b + 1], plan.widths[:b]
+    from canet_kernels.routing import run_layers
+
+    def run(p, h, cu, w):
         a = ops.attention(h, cu, w, p)
         h = ops.add_ln(a, h, cu, w, p["ln1_w"], p["ln1_b"])
         f = ops.ffn(h, cu, w, p)
-        h = ops.add_ln(f, h, cu, w, p["ln2_w"], p["ln2_b"])
-    return merge_layers(h, finished)
+        return ops.add_ln(f, h, cu, w, p["ln2_w"], p["ln2_b"])
+
+    return run_layers(plan, x, weights, run)
 
 
 def dense_forward(x, weights):

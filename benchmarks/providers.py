@@ -19,7 +19,7 @@ it to [B, L, D] with `padded` for comparisons.
   bucket       sort by route once, then one plain-PyTorch call per width
                bucket and op on packed rows (attention padded per bucket)
   canet-cpu    canet's ops on a route plan: route-sorted packed batch, layer
-               l on the active prefix (plan.layer), merge_layers at the end
+               l on the active prefix (routing.run_layers)
   canet-cuda   the same on CUDA tensors through torch.ops.canet (CUDA C++
                kernels where built, Triton for the rest)
   canet-triton the same through the canet_kernels.triton launchers
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import canet_kernels  # noqa: F401  registers torch.ops.canet
 from canet_kernels import functional as CF
 from canet_kernels import reference as REF
-from canet_kernels.routing import merge_layers, plan_routes
+from canet_kernels.routing import plan_routes, run_layers
 
 EPS = 1e-5
 WIDTHS = (64, 96, 128)
@@ -481,21 +481,15 @@ class Canet(Provider):
                            num_layers=len(W["layers"]))
         rows = _flat_token_index(batch, plan.order)
         h = batch.x.reshape(-1, batch.x.shape[-1]).index_select(0, rows)   # [T, D]
-        finished = []
-        for l, p in enumerate(W["layers"]):
-            t_l = plan.active_tokens[l]
-            if t_l < h.shape[0]:
-                finished.append(h[t_l:])
-            if t_l == 0:
-                h = h[:0]
-                break
-            h, cu, w = plan.layer(l, h)
+
+        def run(p, h, cu, w):
             a = ops.sliced_attention(h, cu, w, p["w_qkv"], p["b_qkv"], p["w_o"],
                                      p["b_o"], H, True)
             h = ops.sliced_add_layernorm(a, h, cu, w, p["ln1_w"], p["ln1_b"], EPS)
             f = ops.sliced_ffn(h, cu, w, p["w1"], p["b1"], p["w2"], p["b2"], W["ratio"])
-            h = ops.sliced_add_layernorm(f, h, cu, w, p["ln2_w"], p["ln2_b"], EPS)
-        return merge_layers(h, finished), plan
+            return ops.sliced_add_layernorm(f, h, cu, w, p["ln2_w"], p["ln2_b"], EPS)
+
+        return run_layers(plan, h, W["layers"], run), plan
 
     def padded(self, out, batch):
         h, plan = out

@@ -88,6 +88,21 @@ def gather_tokens(items, lengths, plan, left_padded=False):
     return rows
 
 
+def run_layers(plan, x, layers, layer_fn):
+    """Depth routing over a route-sorted packed batch: for each layer,
+    `layer_fn(layer, x_l, cu_seqlens_l, widths_l) -> x_l` runs on the prefix
+    of samples deeper than it (views, see `RoutePlan.layer`); rows of samples
+    that stop are set aside and merged back in packed order at the end."""
+    finished = []
+    for l, (layer, t) in enumerate(zip(layers, plan.active_tokens)):
+        if t == 0:
+            break
+        if t < x.shape[0]:
+            finished.append(x[t:])
+        x = layer_fn(layer, *plan.layer(l, x))
+    return merge_layers(x, finished)
+
+
 def merge_layers(final, finished):
     """Rows of samples that stopped early, back in packed order.
 

@@ -54,3 +54,17 @@ def test_equal_routes_are_sorted_by_length():
     lengths = torch.tensor([3, 9, 3, 9, 5])
     p = plan_routes(lengths, torch.full((5,), 64), torch.full((5,), 2))
     assert p.lengths.tolist() == [9, 9, 5, 3, 3]
+
+
+def test_run_layers_walks_the_depth_prefix():
+    from canet_kernels.routing import run_layers
+    p = plan_routes(torch.tensor([1, 2, 3]), torch.tensor([8, 8, 8]), torch.tensor([1, 2, 3]))
+    seen = []
+
+    def layer(k, h, cu, w):
+        seen.append((k, h.shape[0], len(w)))
+        return h + 100
+
+    out = run_layers(p, torch.arange(6.0)[:, None], ["a", "b", "c"], layer)
+    assert out[:, 0].tolist() == [300, 301, 302, 203, 204, 105]
+    assert seen == [("a", 6, 3), ("b", 5, 2), ("c", 3, 1)]

@@ -7,7 +7,7 @@ the first d_b features) and an item scorer W_out[:, :d_b].
 
 * `routed`: the canet ops on a route-sorted packed batch (`plan_routes`);
   layer l runs on the prefix of samples deeper than l, rows that stop early
-  are put back with `merge_layers`. Real savings.
+  are put back by `run_layers`. Real savings.
 * `masked`: the paper's formulation, full width and every layer with
   per-sample feature masks; the reference for the routed path.
 """
@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import functional
-from ..routing import gather_tokens, merge_layers, plan_routes
+from ..routing import gather_tokens, plan_routes, run_layers
 from .config import CANetConfig
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -95,23 +95,18 @@ class Supernet(nn.Module):
         x = self._drop(self.item_emb(tok) + self.pos_emb(pos), dropout)  # [T, E]
         h = ops.sliced_linear(x, plan.cu_seqlens, plan.emb_widths, plan.widths,
                               self.w_p, self.b_p)                     # [T, D]
-        finished = []
-        for l, layer in enumerate(self.layers):
-            t_l = plan.active_tokens[l]
-            if t_l < h.shape[0]:
-                finished.append(h[t_l:])
-            h, cu, w = plan.layer(l, h)
-            if t_l == 0:
-                break
+
+        def run(layer, h, cu, w):
             a = ops.sliced_attention(h, cu, w, layer.w_qkv, layer.b_qkv, layer.w_o,
                                      layer.b_o, cfg.num_heads, True)
             h = ops.sliced_add_layernorm(self._drop(a, dropout), h, cu, w,
                                          layer.ln1_w, layer.ln1_b, cfg.ln_eps)
             f = ops.sliced_ffn(h, cu, w, layer.w1, layer.b1, layer.w2, layer.b2,
                                cfg.ffn_ratio)
-            h = ops.sliced_add_layernorm(self._drop(f, dropout), h, cu, w,
-                                         layer.ln2_w, layer.ln2_b, cfg.ln_eps)
-        h = merge_layers(h, finished)                                  # [T, D]
+            return ops.sliced_add_layernorm(self._drop(f, dropout), h, cu, w,
+                                            layer.ln2_w, layer.ln2_b, cfg.ln_eps)
+
+        h = run_layers(plan, h, self.layers, run)                      # [T, D]
         if gate is not None:
             h = h * torch.repeat_interleave(gate[plan.order], plan.lengths)[:, None]
         return h, plan
