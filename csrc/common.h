@@ -54,8 +54,29 @@ inline std::vector<int64_t> host_ints(const at::Tensor& t, const at::Tensor& x,
   return std::vector<int64_t>(p, p + c.numel());
 }
 
-// Validates x[T, *], cu_seqlens and one per-sample width vector with
-// 1 <= w <= max_width and w % multiple == 0.
+// One per-sample width vector: `samples` entries, 1 <= w <= max_width and
+// w % multiple == 0.
+inline std::vector<int64_t> check_widths(const at::Tensor& widths,
+                                         const at::Tensor& x, size_t samples,
+                                         int64_t max_width, const char* op,
+                                         const char* name, int64_t multiple = 1,
+                                         const char* multiple_name = nullptr) {
+  auto w = host_ints(widths, x, op, name);
+  TORCH_CHECK_VALUE(w.size() == samples, "canet.", op, ": ", name, " has ",
+                    w.size(), " entries but cu_seqlens describes ", samples,
+                    " samples");
+  for (size_t b = 0; b < w.size(); ++b) {
+    TORCH_CHECK_VALUE(w[b] >= 1 && w[b] <= max_width, "canet.", op, ": ", name,
+                      "[", b, "] = ", w[b], " is outside [1, ", max_width,
+                      "] (the weight's width)");
+    TORCH_CHECK_VALUE(w[b] % multiple == 0, "canet.", op, ": ", name, "[", b,
+                      "] = ", w[b], " is not divisible by ",
+                      multiple_name ? multiple_name : "", " = ", multiple);
+  }
+  return w;
+}
+
+// Validates x[T, *], cu_seqlens and one per-sample width vector.
 inline Routes check_routes(const at::Tensor& x, const at::Tensor& cu_seqlens,
                            const at::Tensor& widths, int64_t max_width,
                            const char* op, const char* widths_name = "widths",
@@ -67,13 +88,8 @@ inline Routes check_routes(const at::Tensor& x, const at::Tensor& cu_seqlens,
                     x.sizes());
   Routes r;
   r.cu = host_ints(cu_seqlens, x, op, "cu_seqlens");
-  r.width = host_ints(widths, x, op, widths_name);
   TORCH_CHECK_VALUE(!r.cu.empty() && r.cu[0] == 0, "canet.", op,
                     ": cu_seqlens must start with 0 and have B + 1 entries");
-  TORCH_CHECK_VALUE(r.width.size() + 1 == r.cu.size(), "canet.", op, ": ",
-                    widths_name, " has ", r.width.size(),
-                    " entries but cu_seqlens describes ", r.cu.size() - 1,
-                    " samples");
   for (size_t b = 0; b + 1 < r.cu.size(); ++b) {
     TORCH_CHECK_VALUE(r.cu[b + 1] >= r.cu[b], "canet.", op,
                       ": cu_seqlens must be non-decreasing, but cu_seqlens[",
@@ -83,32 +99,9 @@ inline Routes check_routes(const at::Tensor& x, const at::Tensor& cu_seqlens,
   TORCH_CHECK_VALUE(r.cu.back() == x.size(0), "canet.", op,
                     ": cu_seqlens ends at ", r.cu.back(), " but x has ",
                     x.size(0), " rows");
-  for (size_t b = 0; b < r.width.size(); ++b) {
-    const int64_t w = r.width[b];
-    TORCH_CHECK_VALUE(w >= 1 && w <= max_width, "canet.", op, ": ",
-                      widths_name, "[", b, "] = ", w, " is outside [1, ",
-                      max_width, "] (the weight's width)");
-    TORCH_CHECK_VALUE(w % multiple == 0, "canet.", op, ": ", widths_name, "[",
-                      b, "] = ", w, " is not divisible by ",
-                      multiple_name ? multiple_name : "", " = ", multiple);
-  }
+  r.width = check_widths(widths, x, r.cu.size() - 1, max_width, op,
+                         widths_name, multiple, multiple_name);
   return r;
-}
-
-inline std::vector<int64_t> check_widths(const at::Tensor& widths,
-                                         const at::Tensor& x, size_t samples,
-                                         int64_t max_width, const char* op,
-                                         const char* name) {
-  auto w = host_ints(widths, x, op, name);
-  TORCH_CHECK_VALUE(w.size() == samples, "canet.", op, ": ", name, " has ",
-                    w.size(), " entries but cu_seqlens describes ", samples,
-                    " samples");
-  for (size_t b = 0; b < w.size(); ++b) {
-    TORCH_CHECK_VALUE(w[b] >= 1 && w[b] <= max_width, "canet.", op, ": ", name,
-                      "[", b, "] = ", w[b], " is outside [1, ", max_width,
-                      "] (the weight's width)");
-  }
-  return w;
 }
 
 // Runs of consecutive non-empty samples with equal (in, out) widths.
