@@ -57,6 +57,9 @@ def parse():
     p.add_argument("--flop-target", type=float, default=0.40,
                    help="router's FLOP budget (below the 0.45 goal for slack)")
     p.add_argument("--budget-weight", type=float, default=1.0)
+    p.add_argument("--residual-scale-init", type=float, default=1e-8,
+                   help="learnable scale on each sublayer output, initialised to this "
+                        "(as in the CANet code); <= 0: none (plain post-LN)")
     p.add_argument("--no-calibrate", action="store_true",
                    help="plain argmax routes (default: the inference cost bias is set "
                         "on validation users so the routes meet --flop-target)")
@@ -98,7 +101,9 @@ def main():
         mcfg = CANetConfig(n_items=ds.n_items, max_len=a.max_len, emb_widths=a.emb_widths,
                            hidden_widths=a.hidden_widths, depths=a.depths,
                            num_heads=a.heads, dropout=a.dropout,
-                           flop_target=a.flop_target, budget_weight=a.budget_weight)
+                           flop_target=a.flop_target, budget_weight=a.budget_weight,
+                           residual_scale_init=(a.residual_scale_init
+                                                if a.residual_scale_init > 0 else None))
         runs = {}
         kinds = [k for k in a.models if not (a.skip_dense and k == "dense")]
         for kind in kinds:

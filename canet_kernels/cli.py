@@ -58,6 +58,10 @@ def _add_model_args(p, defaults=None):
     g.add_argument("--budget-weight", type=float, default=d.get("budget_weight", 1.0))
     g.add_argument("--guide-weight", type=float, default=d.get("guide_weight", 0.01))
     g.add_argument("--uniform-weight", type=float, default=d.get("uniform_weight", 0.01))
+    g.add_argument("--residual-scale-init", type=float,
+                   default=d.get("residual_scale_init", 1e-8),
+                   help="learnable scale on each sublayer output, initialised to this "
+                        "(lets deep routes train); <= 0: plain post-LN")
 
 
 def _model_cfg(args, n_items):
@@ -67,7 +71,9 @@ def _model_cfg(args, n_items):
         dropout=args.dropout,
         flop_target=args.flop_target if args.flop_target and args.flop_target > 0 else None,
         budget_weight=args.budget_weight, guide_weight=args.guide_weight,
-        uniform_weight=args.uniform_weight)
+        uniform_weight=args.uniform_weight,
+        residual_scale_init=(args.residual_scale_init
+                             if args.residual_scale_init > 0 else None))
 
 
 def _add_train_args(p, defaults=None):

@@ -61,9 +61,12 @@ def batch(cfg, B=9, L=None, seed=0):
 def model(cfg, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     m = CANet(cfg).to(dtype)
-    # non-trivial LayerNorm affine and biases so slicing mistakes show
+    # non-trivial LayerNorm affine, biases and residual scales (initialised
+    # near 0, which would hide every sublayer) so slicing mistakes show
     with torch.no_grad():
         for n, p in m.named_parameters():
+            if n.endswith("res_scale"):
+                p.copy_(0.5 + torch.rand_like(p))
             if n.endswith(("_b", "b1", "b2", "b_o", "b_qkv", "b_p", "b_out")) or "ln" in n:
                 p.add_(0.1 * torch.randn_like(p))
     return m

@@ -16,6 +16,11 @@ class CANetConfig:
     ffn_ratio: int = 4
     dropout: float = 0.2
     ln_eps: float = 1e-5
+    # learnable scale on each sublayer's output before the residual add+LN,
+    # initialised to this value as in the CANet code: every layer starts near
+    # the identity, so deep routes train (without it the 8-layer model stalls
+    # at the popularity loss on Beauty); None = plain post-LN
+    residual_scale_init: float | None = 1e-8
     # router: a 1-layer transformer over the sequence
     router_width: int = 32
     router_heads: int = 4

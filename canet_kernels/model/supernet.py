@@ -3,7 +3,9 @@
 Every route (e_b, d_b, L_b) uses the leading blocks of one set of weights:
 item/position embeddings sliced to e_b, a projection W_p[:d_b, :e_b], L_b
 post-LN transformer layers at width d_b (head dim d_b / heads, LayerNorm over
-the first d_b features) and an item scorer W_out[:, :d_b].
+the first d_b features; each sublayer output times a learnable residual
+scale before the add, initialised near 0 as in the CANet code) and an item
+scorer W_out[:, :d_b].
 
 * `routed`: the canet ops on a route-sorted packed batch (`plan_routes`);
   layer l runs on the prefix of samples deeper than l, rows that stop early
@@ -32,8 +34,11 @@ ops = functional
 class Layer(nn.Module):
     """Weights of one post-LN transformer layer at the maximal width D."""
 
-    def __init__(self, D: int, ratio: int):
+    def __init__(self, D: int, ratio: int, residual_scale_init=None):
         super().__init__()
+        # [attention, FFN] output scales; None = plain post-LN
+        self.res_scale = (None if residual_scale_init is None else
+                          nn.Parameter(torch.full((2,), float(residual_scale_init))))
         self.w_qkv = nn.Parameter(torch.empty(3, D, D))      # [3, out, in]
         self.b_qkv = nn.Parameter(torch.zeros(3, D))
         self.w_o = nn.Parameter(torch.empty(D, D))
@@ -68,7 +73,7 @@ class Supernet(nn.Module):
         self.pos_emb = nn.Embedding(cfg.max_len, E)
         self.w_p = nn.Parameter(torch.empty(D, E))
         self.b_p = nn.Parameter(torch.zeros(D))
-        self.layers = nn.ModuleList(Layer(D, cfg.ffn_ratio) for _ in range(cfg.L))
+        self.layers = nn.ModuleList(Layer(D, cfg.ffn_ratio, cfg.residual_scale_init) for _ in range(cfg.L))
         self.w_out = nn.Parameter(torch.empty(cfg.n_items + 1, D))
         self.b_out = nn.Parameter(torch.zeros(cfg.n_items + 1))
         for w in (self.item_emb.weight, self.pos_emb.weight, self.w_p, self.w_out):
@@ -79,6 +84,11 @@ class Supernet(nn.Module):
     def _drop(self, x, dropout):
         p = self.cfg.dropout if dropout else 0.0
         return F.dropout(x, p, self.training) if p > 0 else x
+
+    def _sub(self, x, layer, i, dropout):
+        """Sublayer output i (0 attention, 1 FFN) as added to the residual."""
+        x = self._drop(x, dropout)
+        return x if layer.res_scale is None else x * layer.res_scale[i]
 
     # ------------------------------------------------------------ routed --
     def encode_routed(self, items, lengths, emb_w, hid_w, depth, gate=None,
@@ -99,11 +109,11 @@ class Supernet(nn.Module):
         def run(layer, h, cu, w):
             a = ops.sliced_attention(h, cu, w, layer.w_qkv, layer.b_qkv, layer.w_o,
                                      layer.b_o, cfg.num_heads, True)
-            h = ops.sliced_add_layernorm(self._drop(a, dropout), h, cu, w,
+            h = ops.sliced_add_layernorm(self._sub(a, layer, 0, dropout), h, cu, w,
                                          layer.ln1_w, layer.ln1_b, cfg.ln_eps)
             f = ops.sliced_ffn(h, cu, w, layer.w1, layer.b1, layer.w2, layer.b2,
                                cfg.ffn_ratio)
-            return ops.sliced_add_layernorm(self._drop(f, dropout), h, cu, w,
+            return ops.sliced_add_layernorm(self._sub(f, layer, 1, dropout), h, cu, w,
                                             layer.ln2_w, layer.ln2_b, cfg.ln_eps)
 
         h = run_layers(plan, h, self.layers, run)                      # [T, D]
@@ -162,11 +172,11 @@ class Supernet(nn.Module):
             p = torch.softmax(s.float() if dt in _HALF else s, dim=-1).to(dt)
             ctx = (p @ (v[:, None] * hmask)).sum(1)                      # [B, L, D]
             a = F.linear(ctx, layer.w_o, layer.b_o) * fmask
-            h1 = masked_layer_norm(self._drop(a, dropout) + h, fmask, width,
+            h1 = masked_layer_norm(self._sub(a, layer, 0, dropout) + h, fmask, width,
                                    layer.ln1_w, layer.ln1_b, cfg.ln_eps)
             f = F.gelu(F.linear(h1, layer.w1, layer.b1)) * inner          # [B, L, rD]
             f = F.linear(f, layer.w2, layer.b2) * fmask
-            h2 = masked_layer_norm(self._drop(f, dropout) + h1, fmask, width,
+            h2 = masked_layer_norm(self._sub(f, layer, 1, dropout) + h1, fmask, width,
                                    layer.ln2_w, layer.ln2_b, cfg.ln_eps)
             # samples past their depth keep their state
             h = torch.where((depth > l)[:, None, None], h2, h)
