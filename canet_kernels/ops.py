@@ -46,11 +46,13 @@ def _(grad_out, x, cu_seqlens, in_widths, out_widths, weight, has_bias):
 
 
 @torch.library.register_fake("canet::sliced_attention_fwd")
-def _(x, cu_seqlens, widths, w_qkv, b_qkv, w_o, b_o, num_heads, causal=True):
+def _(x, cu_seqlens, widths, w_qkv, b_qkv, w_o, b_o, num_heads, causal=True,
+      save_activations=True):
     _check_packed(x, cu_seqlens, widths)
     T, D = x.shape
-    return (x.new_empty(T, D), x.new_empty(T, 3, D), x.new_empty(T, D),
-            x.new_empty(T, num_heads, dtype=_stat_dtype(x)))
+    S = T if save_activations else 0
+    return (x.new_empty(T, D), x.new_empty(S, 3, D), x.new_empty(S, D),
+            x.new_empty(S, num_heads, dtype=_stat_dtype(x)))
 
 
 @torch.library.register_fake("canet::sliced_attention_backward")
@@ -112,7 +114,7 @@ torch.library.register_autograd("canet::sliced_linear", _linear_backward,
 
 
 def _attention_setup(ctx, inputs, output):
-    x, cu, widths, w_qkv, b_qkv, w_o, b_o, num_heads, causal = inputs
+    x, cu, widths, w_qkv, b_qkv, w_o, b_o, num_heads, causal, _save = inputs
     _, qkv, attn_ctx, lse = output
     ctx.save_for_backward(x, cu, widths, w_qkv, w_o, qkv, attn_ctx, lse)
     ctx.num_heads, ctx.causal = num_heads, causal

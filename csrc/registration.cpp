@@ -31,9 +31,14 @@ at::Tensor sliced_attention(const at::Tensor& x, const at::Tensor& cu_seqlens,
                            const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, int64_t, bool)>();
+                           const at::Tensor&, int64_t, bool, bool)>();
+  // Inference needs no saved activations: skip writing them.
+  const bool save = at::GradMode::is_enabled() &&
+                    (x.requires_grad() || w_qkv.requires_grad() ||
+                     b_qkv.requires_grad() || w_o.requires_grad() ||
+                     b_o.requires_grad());
   return std::get<0>(op.call(x, cu_seqlens, widths, w_qkv, b_qkv, w_o, b_o,
-                             num_heads, causal));
+                             num_heads, causal, save));
 }
 
 at::Tensor sliced_ffn(const at::Tensor& x, const at::Tensor& cu_seqlens,
@@ -86,7 +91,8 @@ TORCH_LIBRARY(canet, m) {
 
   // Self-attention sublayer: Q/K/V = x[:, :w] @ w_qkv[i, :w, :w]^T + b_qkv[i, :w],
   // softmax over the sample's own tokens (scale 1/sqrt(w/h)), then w_o.
-  // qkv[T, 3, D] and ctx[T, D] (pre-projection) and lse[T, H] are saved.
+  // qkv[T, 3, D] and ctx[T, D] (pre-projection) and lse[T, H] are saved; with
+  // save_activations=false (inference) all three come back with 0 rows.
   m.def(
       "sliced_attention(Tensor x, Tensor cu_seqlens, Tensor widths, "
       "Tensor w_qkv, Tensor b_qkv, Tensor w_o, Tensor b_o, int num_heads, "
@@ -94,7 +100,8 @@ TORCH_LIBRARY(canet, m) {
   m.def(
       "sliced_attention_fwd(Tensor x, Tensor cu_seqlens, Tensor widths, "
       "Tensor w_qkv, Tensor b_qkv, Tensor w_o, Tensor b_o, int num_heads, "
-      "bool causal=True) -> (Tensor out, Tensor qkv, Tensor ctx, Tensor lse)");
+      "bool causal=True, bool save_activations=True) -> (Tensor out, Tensor qkv, "
+      "Tensor ctx, Tensor lse)");
   m.def(
       "sliced_attention_backward(Tensor grad_out, Tensor x, Tensor cu_seqlens, "
       "Tensor widths, Tensor w_qkv, Tensor w_o, Tensor qkv, Tensor ctx, "

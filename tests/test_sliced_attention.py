@@ -113,6 +113,23 @@ def test_padded_batch_matches_packed():
         assert torch.isfinite(repacked).all()
 
 
+# One width run mixing library groups and scattered samples between them.
+MIXED_RUN = dict(lengths=[6, 6, 1, 4, 4, 4, 7, 0, 5, 5], widths=[40] * 10)
+
+
+@pytest.mark.parametrize("layout", [GROUPED, MIXED_RUN, {}])
+def test_inference_skips_the_saved_activations(layout):
+    args = [a.detach() if isinstance(a, torch.Tensor) else a
+            for a in make_args(**layout)]
+    out, qkv, ctx, lse = op.sliced_attention_fwd(*args, save_activations=False)
+    assert qkv.shape == (0, 3, 40) and ctx.shape == (0, 40) and lse.shape == (0, H)
+    torch.testing.assert_close(out, op.sliced_attention_fwd(*args)[0])
+    torch.testing.assert_close(out, reference.sliced_attention(*args))
+    torch.library.opcheck(op.sliced_attention_fwd, args + [False])
+    with torch.no_grad():  # the public op takes the inference path here
+        torch.testing.assert_close(op.sliced_attention(*args), out)
+
+
 def test_depth_prefix_is_a_view():
     # A batch sorted by depth runs layer l on a prefix: views, no copy.
     args = [a.detach() if isinstance(a, torch.Tensor) else a for a in make_args()]

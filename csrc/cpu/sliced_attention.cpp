@@ -330,15 +330,33 @@ at::Tensor lse_view(const at::Tensor& lse, const Group& g, int64_t H) {
       .transpose(1, 2);  // [G, H, n]
 }
 
+// Groups through ATen's flash attention. With `direct` (inference: ctx and
+// lse are not saved) the output projection of a group reads the library's
+// output in place, where its memory is laid out [G, n, H, hd] = [G * n, w],
+// and writes `out`; `done[i]` tells the caller that group i is projected.
+// Otherwise the output is copied into ctx (saved for backward) and lse.
 void flash_fwd(const at::Tensor& qkv, at::Tensor& ctx, at::Tensor& lse,
-               const std::vector<Group>& groups, int64_t H, bool causal) {
-  for (const Group& g : groups) {
+               const std::vector<Group>& groups, int64_t H, bool causal,
+               bool direct, at::Tensor& out, const at::Tensor& w_o,
+               const at::Tensor& b_o, std::vector<char>& done) {
+  done.assign(groups.size(), 0);
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const Group& g = groups[i];
     const double scale = 1.0 / std::sqrt(double(g.w / H));
     auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(
         head_view(qkv, g, H, 0), head_view(qkv, g, H, 1),
         head_view(qkv, g, H, 2), 0.0, causal, std::nullopt, scale);
+    auto rows = o.transpose(1, 2);  // [G, n, H, hd]
+    if (direct && rows.is_contiguous()) {
+      const Run r{g.row0, g.row0 + g.count * g.n, g.w, g.w};
+      addmm_into(block(out, r, 0, g.w), b_o.slice(0, 0, g.w),
+                 rows.view({g.count * g.n, g.w}),
+                 w_o.slice(0, 0, g.w).slice(1, 0, g.w).t());
+      done[i] = 1;
+      continue;
+    }
     head_view(ctx, g, H).copy_(o);
-    lse_view(lse, g, H).copy_(l);
+    if (!direct) lse_view(lse, g, H).copy_(l);
   }
 }
 
@@ -377,7 +395,7 @@ void project_qkv(const at::Tensor& x, const at::Tensor& w_qkv,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
     const at::Tensor& x_, const at::Tensor& cu_seqlens, const at::Tensor& widths,
     const at::Tensor& w_qkv_, const at::Tensor& b_qkv, const at::Tensor& w_o_,
-    const at::Tensor& b_o, int64_t num_heads, bool causal) {
+    const at::Tensor& b_o, int64_t num_heads, bool causal, bool save) {
   const auto c = check(x_, cu_seqlens, widths, w_qkv_, w_o_, num_heads);
   const int64_t T = x_.size(0), D = x_.size(1);
   check_like(b_qkv, x_, kOp, "b_qkv", {3, D});
@@ -385,24 +403,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
   const auto x = x_.contiguous(), w_qkv = w_qkv_.contiguous(), w_o = w_o_.contiguous();
   // Columns beyond each run's width are zeroed after the leading columns of
   // its rows were written (and the fresh pages faulted in): cheaper than
-  // zero-filling whole buffers first.
+  // zero-filling whole buffers first. Inference skips the zeroing and the
+  // copies that only the saved activations need.
   auto qkv = at::empty({T, 3, D}, x.options());
   auto ctx = at::empty({T, D}, x.options());
   auto lse = at::empty({T, num_heads}, x.options().dtype(acc_type(x.scalar_type())));
   auto out = at::empty({T, D}, x.options());
   project_qkv(x, w_qkv, b_qkv, qkv, c.runs);
-  for (const Run& r : c.runs) qkv.slice(0, r.row0, r.row1).slice(2, r.in_w, D).zero_();
+  if (save)
+    for (const Run& r : c.runs) qkv.slice(0, r.row0, r.row1).slice(2, r.in_w, D).zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "sliced_attention_fwd", [&] {
     attention_fwd<scalar_t>(qkv, ctx, lse, c.tasks, num_heads, causal);
   });
-  flash_fwd(qkv, ctx, lse, c.groups, num_heads, causal);
+  std::vector<char> done;
+  flash_fwd(qkv, ctx, lse, c.groups, num_heads, causal, !save, out, w_o, b_o, done);
+  // Output projection of the rows no group projected, one GEMM per stretch.
+  auto project = [&](int64_t row0, int64_t row1, int64_t w) {
+    if (row1 <= row0) return;
+    const Run r{row0, row1, w, w};
+    addmm_into(block(out, r, 0, w), b_o.slice(0, 0, w), block(ctx, r, 0, w),
+               w_o.slice(0, 0, w).slice(1, 0, w).t());
+  };
+  size_t gi = 0;
   for (const Run& r : c.runs) {
-    block(ctx, r, r.in_w, D).zero_();
-    addmm_into(block(out, r, 0, r.in_w), b_o.slice(0, 0, r.in_w),
-               block(ctx, r, 0, r.in_w), w_o.slice(0, 0, r.in_w).slice(1, 0, r.in_w).t());
-    block(out, r, r.in_w, D).zero_();
+    const int64_t w = r.in_w;
+    if (save) block(ctx, r, w, D).zero_();
+    int64_t row = r.row0;
+    // groups are ordered by rows and never straddle a run
+    while (gi < c.groups.size() && c.groups[gi].row0 < r.row1) {
+      const Group& g = c.groups[gi];
+      if (done[gi]) {
+        project(row, g.row0, w);
+        row = g.row0 + g.count * g.n;
+      }
+      ++gi;
+    }
+    project(row, r.row1, w);
+    block(out, r, w, D).zero_();
   }
+  if (!save)
+    return {out, at::empty({0, 3, D}, qkv.options()), at::empty({0, D}, ctx.options()),
+            at::empty({0, num_heads}, lse.options())};
   return {out, qkv, ctx, lse};
 }
 
