@@ -128,6 +128,7 @@ def main(argv=None):
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    alloc = timing.pin_malloc()
     D, layers, heads = 128, 8, 4
     W = P.make_weights(D, layers, heads=heads, seed=args.seed)
     widths, depths = P.sample_routes(args.batch, "uniform", seed=args.seed)
@@ -151,7 +152,7 @@ def main(argv=None):
     res = timing.interleaved(fns, rounds=args.rounds, warmup=args.warmup)
     info = timing.machine_info()
     print(f"machine: {timing.machine_name(info)}; torch {info['torch']}; "
-          f"canet {info['canet_commit']}")
+          f"canet {info['canet_commit']}; {alloc}")
     print(f"batch {args.batch} x {args.seq_len} tokens, uniform routes over widths "
           f"{P.WIDTHS} x depths {P.DEPTHS}, {heads} heads, fp32, forward; "
           f"{args.rounds} interleaved rounds")
@@ -191,7 +192,8 @@ def main(argv=None):
               f"= {bound / ratio:.3f} x FLOP ratio")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "args": vars(args), "flop_ratio": ratio,
+            json.dump({"machine": info, "args": vars(args), "allocator": alloc,
+                       "flop_ratio": ratio,
                        "width_bound": bound,
                        "routed_gflop": routed / 1e9, "dense_gflop": dense / 1e9,
                        "check_max_abs_diff": diff, "results": rows}, f, indent=2)

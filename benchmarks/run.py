@@ -750,6 +750,7 @@ def main(argv=None):
     if a.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device", file=sys.stderr)
         return 2
+    alloc = timing.pin_malloc() if a.device == "cpu" else "n/a"
     ctx = Ctx(a)
     sections = set(a.sections.split(","))
     pts = [p for p in sweep(a.device, a.level) if p["section"] in sections]
@@ -759,12 +760,13 @@ def main(argv=None):
     info = timing.machine_info(a.device)
     print(f"canet benchmarks: {timing.machine_name(info)}; torch {info['torch']}, "
           f"triton {info['triton']}, canet {info['canet_commit']}; {a.level} sweep, "
-          f"{len(pts)} points, budget {a.budget_s:.0f} s", flush=True)
+          f"{len(pts)} points, budget {a.budget_s:.0f} s; {alloc}", flush=True)
     t0 = time.perf_counter()
     rows, skipped, not_run, methods = [], {}, [], {}
 
     def doc(state):
-        return {"machine": info, "args": vars(a), "finished": time.strftime("%Y-%m-%d %H:%M"),
+        return {"machine": info, "args": vars(a), "allocator": alloc,
+                "finished": time.strftime("%Y-%m-%d %H:%M"),
                 "state": state, "seconds": time.perf_counter() - t0,
                 "mix_trained": ctx.mix_source, "memory_methods": sorted(set(methods.values())),
                 "flop_convention": FL.__doc__, "skipped": skipped, "not_run": not_run,

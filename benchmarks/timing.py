@@ -91,6 +91,28 @@ def latencies(fn: Callable, n: int, warmup: int = 3, device="cpu") -> dict:
 
 # ---------------------------------------------------------------- memory --
 
+def pin_malloc() -> str:
+    """Keep freed CPU memory in the process (glibc): no mmap for big blocks,
+    no trimming. Without it, whether a tensor of a few MB gets recycled heap
+    or fresh zero pages depends on glibc's sliding mmap threshold, so the same
+    forward pass flips between two speeds run to run: the dense stack
+    measured 380-400 ms with the allocator pinned and 430-540 ms with
+    60-90k page faults per call unpinned (2 threads, 256 x 50 tokens).
+    Pinning puts every provider on recycled memory. Returns what was done."""
+    if os.environ.get("CANET_BENCH_DEFAULT_MALLOC"):
+        return "default allocator (CANET_BENCH_DEFAULT_MALLOC set)"
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        big = 1 << 30
+        if libc.mallopt(M_MMAP_THRESHOLD, big) and libc.mallopt(M_TRIM_THRESHOLD, big):
+            return "glibc malloc pinned (mmap and trim thresholds 1 GiB)"
+    except (OSError, AttributeError):
+        pass
+    return "default allocator (not glibc)"
+
+
 def peak_memory_bytes(fn: Callable, device="cpu") -> tuple[float, str]:
     """Peak bytes allocated by one call of `fn` above what was live before.
 
