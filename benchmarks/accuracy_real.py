@@ -63,6 +63,9 @@ def parse():
     p.add_argument("--no-calibrate", action="store_true",
                    help="plain argmax routes (default: the inference cost bias is set "
                         "on validation users so the routes meet --flop-target)")
+    p.add_argument("--spend-budget", action="store_true",
+                   help="calibration also raises routes that stay below --flop-target "
+                        "up to it (a negative cost bias)")
     p.add_argument("--warmup-epochs", type=int, default=10,
                    help="CANet: epochs of sandwich supernet training before the router "
                         "(10 measured on LastFM; use fewer when only a few epochs fit)")
@@ -111,6 +114,7 @@ def main():
                                seed=a.seed, patience=a.patience, eval_every=a.eval_every,
                                mask_seen=not a.no_mask_seen, progress=not a.no_progress,
                                calibrate_flops=not a.no_calibrate,
+                               spend_budget=a.spend_budget,
                                warmup_epochs=a.warmup_epochs if kind == "canet" else 0,
                                max_train_seconds=(a.max_train_minutes * 60
                                                   if a.max_train_minutes else None),

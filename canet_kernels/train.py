@@ -51,6 +51,9 @@ class TrainConfig:
     # validation users so its argmax routes meet model.flop_target (see
     # CANet.calibrate_cost_bias); off = plain argmax.
     calibrate_flops: bool = True
+    # ... and when the router's own argmax is already below the target, move
+    # its routes up to the target (a negative bias) instead of leaving them.
+    spend_budget: bool = False
     # Epochs of supernet warm-up before the router trains: routes sampled per
     # sample (a quarter max, a quarter min, the rest uniform: "sandwich"), CE only.
     warmup_epochs: int = 0
@@ -135,13 +138,14 @@ def router_logits(model: CANet, es: EvalSet, batch_size=256):
     return torch.cat(out)
 
 
-def calibrate(model: CANet, es: EvalSet, batch_size=256):
+def calibrate(model: CANet, es: EvalSet, batch_size=256, spend: bool = False):
     """Sets the inference cost bias on `es` (validation users) so the mean
-    FLOP ratio of the routes meets model.cfg.flop_target. Returns the bias."""
+    FLOP ratio of the routes meets model.cfg.flop_target (with `spend`: comes
+    up to it from below too). Returns the bias."""
     if model.cfg.flop_target is None:
         return float(model.cost_bias)
     return model.calibrate_cost_bias(router_logits(model, es, batch_size),
-                                     model.cfg.flop_target)
+                                     model.cfg.flop_target, spend=spend)
 
 
 def sandwich_routes(cfg: CANetConfig, n: int, gen: torch.Generator):
@@ -346,7 +350,8 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
             msg += f" ce {rec['ce']:.4f} train flop ratio {rec['flop_ratio']:.3f}"
         if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
             if tcfg.fixed_route is None and tcfg.calibrate_flops:
-                rec["cost_bias"] = calibrate(model, split.valid, tcfg.eval_batch_size)
+                rec["cost_bias"] = calibrate(model, split.valid, tcfg.eval_batch_size,
+                                             spend=tcfg.spend_budget)
             val = evaluate(model, split.valid, tcfg.ks, tcfg.mask_seen,
                            tcfg.eval_batch_size, route=tcfg.fixed_route, path=tcfg.path)
             rec["valid"] = {k: v for k, v in val.items() if k != "route_counts"}

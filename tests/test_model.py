@@ -337,3 +337,28 @@ def test_router_reads_the_last_position_of_a_full_layer():
     h = r.ln2(h + r.ff2(F.gelu(r.ff1(h))))
     full = r.head(h[torch.arange(B), lengths - 1])
     torch.testing.assert_close(r(items, lengths), full, atol=1e-12, rtol=0)
+
+
+def test_cost_bias_calibration_meets_the_target():
+    cfg = tiny_cfg()
+    m = CANet(cfg).double()
+    ratio = m.route_ratio
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, cfg.num_routes, generator=g, dtype=torch.float64)
+
+    def mean(c):
+        return float(ratio[m.pick(logits, c)].mean())
+
+    # argmax above the target: the smallest non-negative bias that meets it
+    big = logits + 3 * ratio
+    target = 0.5 * float(ratio[m.pick(big, 0.0)].mean())
+    c = m.calibrate_cost_bias(big, target)
+    assert c > 0 and float(m.cost_bias) == c
+    assert float(ratio[m.pick(big, c)].mean()) <= target
+    assert float(ratio[m.pick(big, 0.99 * c)].mean()) > target
+    # argmax below the target: left alone, or moved up to it with spend
+    target = min(1.0, 1.5 * mean(0.0))
+    assert mean(0.0) <= target
+    assert m.calibrate_cost_bias(logits, target) == 0.0
+    c = m.calibrate_cost_bias(logits, target, spend=True)
+    assert c < 0 and mean(c) <= target < mean(1.01 * c)

@@ -16,7 +16,8 @@ constrains the *soft* distribution seen in training, but the deployed argmax
 can sit far above it (near-uniform softmax, argmax on the large routes), so
 `cost_bias` (a buffer, 0 by default, saved with the weights) is set after
 training on validation users by `calibrate_cost_bias` to the smallest value
-whose argmax routes meet the FLOP target.
+whose argmax routes meet the FLOP target (optionally a negative one, so that
+routes below the target spend the budget).
 
 Router gradient: the routes are hard (straight-through Gumbel-softmax one-hot
 in training), so each sample's final hidden state is multiplied by the
@@ -91,27 +92,38 @@ class CANet(nn.Module):
         return adj.argmax(-1)
 
     @torch.no_grad()
-    def calibrate_cost_bias(self, logits, target: float, iters: int = 50) -> float:
-        """Sets `cost_bias` to the smallest value >= 0 whose routes for
-        `logits` [N, R] (router outputs of held-out users, not test users)
-        have mean FLOP ratio <= target; the chosen route's FLOP ratio does
-        not increase with the bias, so bisection applies. Returns the bias."""
+    def calibrate_cost_bias(self, logits, target: float, iters: int = 50,
+                            spend: bool = False) -> float:
+        """Sets `cost_bias` from `logits` [N, R] (router outputs of held-out
+        users, not test users) and returns it: the smallest value >= 0 whose
+        routes have mean FLOP ratio <= target. With `spend`, a router whose
+        own argmax stays below the target gets the most negative bias that
+        still meets it instead, so the routes use the budget (towards larger
+        routes in the router's own order). The chosen route's FLOP ratio does
+        not increase with the bias, so bisection applies."""
         ratio = self.route_ratio
 
         def mean_ratio(c):
             return float(ratio[self.pick(logits, c)].mean())
 
-        if mean_ratio(0.0) <= target:
-            c = 0.0
-        else:
-            hi = 1.0
-            while mean_ratio(hi) > target and hi < 1e6:
-                hi *= 2
-            lo = 0.0
+        def bisect(lo, hi):  # mean_ratio(lo) > target >= mean_ratio(hi)
             for _ in range(iters):
                 mid = (lo + hi) / 2
                 lo, hi = (lo, mid) if mean_ratio(mid) <= target else (mid, hi)
-            c = hi
+            return hi
+
+        if mean_ratio(0.0) > target:
+            hi = 1.0
+            while mean_ratio(hi) > target and hi < 1e6:
+                hi *= 2
+            c = bisect(0.0, hi)
+        elif spend:
+            lo = -1.0
+            while mean_ratio(lo) <= target and lo > -1e6:
+                lo *= 2
+            c = bisect(lo, 0.0) if mean_ratio(lo) > target else lo
+        else:
+            c = 0.0
         self.cost_bias.fill_(c)
         return c
 
