@@ -130,6 +130,27 @@ def test_inference_skips_the_saved_activations(layout):
         torch.testing.assert_close(op.sliced_attention(*args), out)
 
 
+def test_inference_chunks_many_groups_over_threads():
+    # Enough equal-shape samples for several chunks per group, spread over
+    # two threads, with a scattered sample between the groups of one width.
+    lengths = [50] * 20 + [3] + [50] * 9 + [33] * 12 + [7] * 30
+    widths = [40] * 30 + [24] * 12 + [8] * 30
+    args = [a.detach() if isinstance(a, torch.Tensor) else a
+            for a in make_args(lengths=lengths, widths=widths)]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = op.sliced_attention_fwd(*args, save_activations=False)[0]
+            torch.testing.assert_close(out, reference.sliced_attention(*args))
+            torch.testing.assert_close(out, op.sliced_attention_fwd(*args)[0])
+            assert_zero_beyond(out, args[1], args[2])
+            with torch.inference_mode():  # thread-local state reaches the pool threads
+                torch.testing.assert_close(op.sliced_attention(*args), out)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_depth_prefix_is_a_view():
     # A batch sorted by depth runs layer l on a prefix: views, no copy.
     args = [a.detach() if isinstance(a, torch.Tensor) else a for a in make_args()]

@@ -3,10 +3,14 @@
 // Attention core: one task per (sample, head), softmax in fp32 (fp64 for
 // fp64), inner loops laid out to vectorize over keys or features.
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <numeric>
 #include <cstring>
 #include <limits>
 
@@ -330,40 +334,150 @@ at::Tensor lse_view(const at::Tensor& lse, const Group& g, int64_t H) {
       .transpose(1, 2);  // [G, H, n]
 }
 
-// Groups through ATen's flash attention. With `direct` (inference: ctx and
-// lse are not saved) the output projection of a group reads the library's
-// output in place, where its memory is laid out [G, n, H, hd] = [G * n, w],
-// and writes `out`; `done[i]` tells the caller that group i is projected.
-// Otherwise the output is copied into ctx (saved for backward) and lse.
+// Runs fn(i) for every group, the groups spread over the threads (largest
+// first, each thread taking the next one when done): ATen's flash attention
+// parallelises one call of 50-token sequences poorly (about 1.2x on 2
+// threads), while independent groups scale. Inside the parallel region the
+// library calls run on the calling thread. With fewer groups than threads,
+// one call after another, each using every thread.
+template <typename F>
+void for_each_group(const std::vector<Group>& groups, const F& fn) {
+  const int64_t n = static_cast<int64_t>(groups.size());
+  const int64_t threads = at::get_num_threads();
+  if (n < 2 * threads || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  auto cost = [&](int64_t i) { return groups[i].count * groups[i].n * groups[i].n * groups[i].w; };
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
+  std::atomic<int64_t> next{0};
+  // The ATen calls in fn run on pool threads: give them the caller's
+  // thread-local state (grad mode, inference mode, dispatch keys).
+  const at::ThreadLocalState state;
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t k = next++; k < n; k = next++) fn(order[k]);
+  });
+}
+
+// Groups through ATen's flash attention (training): the output is copied
+// into ctx and the log-sum-exp into lse, both saved for backward.
 void flash_fwd(const at::Tensor& qkv, at::Tensor& ctx, at::Tensor& lse,
-               const std::vector<Group>& groups, int64_t H, bool causal,
-               bool direct, at::Tensor& out, const at::Tensor& w_o,
-               const at::Tensor& b_o, std::vector<char>& done) {
-  done.assign(groups.size(), 0);
-  for (size_t i = 0; i < groups.size(); ++i) {
+               const std::vector<Group>& groups, int64_t H, bool causal) {
+  for_each_group(groups, [&](int64_t i) {
     const Group& g = groups[i];
     const double scale = 1.0 / std::sqrt(double(g.w / H));
     auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(
         head_view(qkv, g, H, 0), head_view(qkv, g, H, 1),
         head_view(qkv, g, H, 2), 0.0, causal, std::nullopt, scale);
-    auto rows = o.transpose(1, 2);  // [G, n, H, hd]
-    if (direct && rows.is_contiguous()) {
-      const Run r{g.row0, g.row0 + g.count * g.n, g.w, g.w};
-      addmm_into(block(out, r, 0, g.w), b_o.slice(0, 0, g.w),
-                 rows.view({g.count * g.n, g.w}),
-                 w_o.slice(0, 0, g.w).slice(1, 0, g.w).t());
-      done[i] = 1;
-      continue;
-    }
     head_view(ctx, g, H).copy_(o);
-    if (!direct) lse_view(lse, g, H).copy_(l);
+    lse_view(lse, g, H).copy_(l);
+  });
+}
+
+// Rows per chunk of the fused inference path: a chunk's x rows, its Q/K/V
+// (rows x 3w) and the attention output stay in a core's L2 from the first
+// GEMM to the last.
+constexpr int64_t kChunkRows = 384;
+
+// Inference on the groups, the whole sublayer per chunk of a group's
+// samples: one GEMM for Q, K and V side by side into a per-thread buffer,
+// ATen's flash attention on views of it, the output projection straight
+// from the library's output into `out`. Nothing of size T x 3D goes through
+// memory (the CPU kernels are bandwidth-bound on 2 cores: the staged path
+// writes and rereads qkv[T, 3, D]), and chunks spread over the threads.
+void fused_groups_fwd(const at::Tensor& x, const at::Tensor& w_qkv,
+                      const at::Tensor& b_qkv, const at::Tensor& w_o,
+                      const at::Tensor& b_o, const std::vector<Group>& groups,
+                      int64_t H, bool causal, at::Tensor& out) {
+  std::vector<Group> chunks;  // a group's samples in chunks of ~kChunkRows rows
+  std::vector<int64_t> widths;
+  int64_t max_rows = 0;
+  for (const Group& g : groups) {
+    const int64_t per = std::max<int64_t>(1, kChunkRows / g.n);
+    for (int64_t i = 0; i < g.count; i += per) {
+      const int64_t c = std::min(per, g.count - i);
+      chunks.push_back({g.row0 + i * g.n, c, g.n, g.w});
+      max_rows = std::max(max_rows, c * g.n);
+    }
+    if (std::find(widths.begin(), widths.end(), g.w) == widths.end())
+      widths.push_back(g.w);
   }
+  // Q, K, V weights of each width stacked [3w, w]: one GEMM instead of three.
+  std::vector<at::Tensor> w3(widths.size()), b3(widths.size());
+  for (size_t i = 0; i < widths.size(); ++i) {
+    const int64_t w = widths[i];
+    w3[i] = w_qkv.slice(1, 0, w).slice(2, 0, w).reshape({3 * w, w});
+    b3[i] = b_qkv.slice(1, 0, w).reshape({3 * w});
+  }
+  const int64_t D = x.size(1);
+  auto run_chunk = [&](const Group& ch, at::Tensor& local) {
+    const int64_t w = ch.w, hd = w / H, rows = ch.count * ch.n;
+    const size_t wi = std::find(widths.begin(), widths.end(), w) - widths.begin();
+    auto qkv = local.view(-1).slice(0, 0, rows * 3 * w).view({rows, 3 * w});
+    addmm_into(qkv, b3[wi], x.slice(0, ch.row0, ch.row0 + rows).slice(1, 0, w),
+               w3[wi].t());
+    auto v5 = qkv.view({ch.count, ch.n, 3, H, hd});
+    auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(
+        v5.select(2, 0).transpose(1, 2), v5.select(2, 1).transpose(1, 2),
+        v5.select(2, 2).transpose(1, 2), 0.0, causal, std::nullopt,
+        1.0 / std::sqrt(double(hd)));
+    auto ctx = o.transpose(1, 2).reshape({rows, w});  // a view: [c, n, H, hd] memory
+    addmm_into(out.slice(0, ch.row0, ch.row0 + rows).slice(1, 0, w),
+               b_o.slice(0, 0, w), ctx, w_o.slice(0, 0, w).slice(1, 0, w).t());
+  };
+  const int64_t n = static_cast<int64_t>(chunks.size());
+  const int64_t threads = at::get_num_threads();
+  if (n < 2 * threads || at::in_parallel_region()) {
+    auto local = at::empty({max_rows * 3 * D}, x.options());
+    for (const Group& ch : chunks) run_chunk(ch, local);
+    return;
+  }
+  // Largest first, each thread taking the next chunk when done.
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  auto cost = [&](int64_t i) {
+    const Group& c = chunks[i];
+    return c.count * c.n * c.w * (c.n + 12 * c.w);
+  };
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
+  std::atomic<int64_t> next{0};
+  const at::ThreadLocalState state;  // as in for_each_group
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    at::ThreadLocalStateGuard guard(state);
+    auto local = at::empty({max_rows * 3 * D}, x.options());
+    for (int64_t k = next++; k < n; k = next++) run_chunk(chunks[order[k]], local);
+  });
+}
+
+// The stretches of each run's rows that no group covers (the scattered
+// samples), as runs.
+std::vector<Run> outside_groups(const std::vector<Run>& runs,
+                                const std::vector<Group>& groups) {
+  std::vector<Run> out;
+  size_t gi = 0;
+  for (const Run& r : runs) {
+    int64_t row = r.row0;
+    // groups are ordered by rows and never straddle a run
+    while (gi < groups.size() && groups[gi].row0 < r.row1) {
+      const Group& g = groups[gi++];
+      if (g.row0 > row) out.push_back({row, g.row0, r.in_w, r.out_w});
+      row = g.row0 + g.count * g.n;
+    }
+    if (r.row1 > row) out.push_back({row, r.row1, r.in_w, r.out_w});
+  }
+  return out;
 }
 
 void flash_bwd(const at::Tensor& qkv, const at::Tensor& ctx,
                const at::Tensor& dctx, const at::Tensor& lse, at::Tensor& dqkv,
                const std::vector<Group>& groups, int64_t H, bool causal) {
-  for (const Group& g : groups) {
+  for_each_group(groups, [&](int64_t i) {
+    const Group& g = groups[i];
     const double scale = 1.0 / std::sqrt(double(g.w / H));
     auto q = head_view(qkv, g, H, 0), k = head_view(qkv, g, H, 1),
          v = head_view(qkv, g, H, 2);
@@ -375,7 +489,7 @@ void flash_bwd(const at::Tensor& qkv, const at::Tensor& ctx,
     head_view(dqkv, g, H, 0).copy_(dq);
     head_view(dqkv, g, H, 1).copy_(dk);
     head_view(dqkv, g, H, 2).copy_(dv);
-  }
+  });
 }
 
 // The per-run projections x -> Q, K, V into qkv[T, 3, D].
@@ -403,44 +517,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
   const auto x = x_.contiguous(), w_qkv = w_qkv_.contiguous(), w_o = w_o_.contiguous();
   // Columns beyond each run's width are zeroed after the leading columns of
   // its rows were written (and the fresh pages faulted in): cheaper than
-  // zero-filling whole buffers first. Inference skips the zeroing and the
-  // copies that only the saved activations need.
+  // zero-filling whole buffers first.
+  auto out = at::empty({T, D}, x.options());
   auto qkv = at::empty({T, 3, D}, x.options());
   auto ctx = at::empty({T, D}, x.options());
   auto lse = at::empty({T, num_heads}, x.options().dtype(acc_type(x.scalar_type())));
-  auto out = at::empty({T, D}, x.options());
-  project_qkv(x, w_qkv, b_qkv, qkv, c.runs);
+  // Inference: the groups run fused (nothing saved); the staged path below
+  // covers only the scattered samples between them.
+  const auto staged = save ? c.runs : outside_groups(c.runs, c.groups);
+  project_qkv(x, w_qkv, b_qkv, qkv, staged);
   if (save)
     for (const Run& r : c.runs) qkv.slice(0, r.row0, r.row1).slice(2, r.in_w, D).zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "sliced_attention_fwd", [&] {
     attention_fwd<scalar_t>(qkv, ctx, lse, c.tasks, num_heads, causal);
   });
-  std::vector<char> done;
-  flash_fwd(qkv, ctx, lse, c.groups, num_heads, causal, !save, out, w_o, b_o, done);
-  // Output projection of the rows no group projected, one GEMM per stretch.
-  auto project = [&](int64_t row0, int64_t row1, int64_t w) {
-    if (row1 <= row0) return;
-    const Run r{row0, row1, w, w};
-    addmm_into(block(out, r, 0, w), b_o.slice(0, 0, w), block(ctx, r, 0, w),
-               w_o.slice(0, 0, w).slice(1, 0, w).t());
-  };
-  size_t gi = 0;
+  if (save)
+    flash_fwd(qkv, ctx, lse, c.groups, num_heads, causal);
+  else
+    fused_groups_fwd(x, w_qkv, b_qkv, w_o, b_o, c.groups, num_heads, causal, out);
+  for (const Run& r : staged) {
+    addmm_into(block(out, r, 0, r.in_w), b_o.slice(0, 0, r.in_w),
+               block(ctx, r, 0, r.in_w), w_o.slice(0, 0, r.in_w).slice(1, 0, r.in_w).t());
+  }
   for (const Run& r : c.runs) {
-    const int64_t w = r.in_w;
-    if (save) block(ctx, r, w, D).zero_();
-    int64_t row = r.row0;
-    // groups are ordered by rows and never straddle a run
-    while (gi < c.groups.size() && c.groups[gi].row0 < r.row1) {
-      const Group& g = c.groups[gi];
-      if (done[gi]) {
-        project(row, g.row0, w);
-        row = g.row0 + g.count * g.n;
-      }
-      ++gi;
-    }
-    project(row, r.row1, w);
-    block(out, r, w, D).zero_();
+    block(out, r, r.in_w, D).zero_();
+    if (save) block(ctx, r, r.in_w, D).zero_();
   }
   if (!save)
     return {out, at::empty({0, 3, D}, qkv.options()), at::empty({0, D}, ctx.options()),
