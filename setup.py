@@ -51,16 +51,29 @@ def nvidia_wheel_includes():
                   glob.glob(os.path.join(site, "nvidia", "*", "*", "include")))
 
 
+def openmp_flags():
+    """at::parallel_for is a header template: the CPU kernels run on several
+    threads only when they are compiled with the OpenMP that torch uses
+    (without it every parallel_for runs serially). The shared libgomp.so.1
+    soname makes the loader reuse the copy torch already loaded."""
+    if not torch.backends.openmp.is_available() or sys.platform == "darwin":
+        return [], []
+    if sys.platform == "win32":
+        return ["/openmp"], []
+    return ["-fopenmp"], ["-fopenmp"]
+
+
 def extensions():
     debug = flag("CANET_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp-simd"] + ([] if debug else ["-g0"])
+    omp_cxx, omp_link = openmp_flags()
+    cxx = opt + ["-fopenmp-simd"] + omp_cxx + ([] if debug else ["-g0"])
     if os.environ.get("CANET_NATIVE", "1") == "1" and not debug:
         cxx.append("-march=native")
     sources = ["csrc/registration.cpp", "csrc/python_module.cpp"]
     sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")],
-                  extra_compile_args={"cxx": cxx})
+                  extra_compile_args={"cxx": cxx}, extra_link_args=omp_link)
     reason = cuda_reason()
     if reason is None:
         # CANET_CUDA_ARCHS wins, then TORCH_CUDA_ARCH_LIST, then the default

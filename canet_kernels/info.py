@@ -72,6 +72,14 @@ def _kernel_ops(key):
     return have, [op for op in ops if op not in have]
 
 
+def _cpu_threads():
+    import torch
+    from . import _C
+    if _C.cpu_parallel():
+        return f"parallel ({torch.get_num_threads()} threads)"
+    return "one thread (built without torch's parallel backend, e.g. OpenMP)"
+
+
 def _cpp_backend(key, loaded, device_ok, device_reason):
     if not loaded:
         return "no", "no", "the compiled library is not loaded (see above)"
@@ -82,6 +90,8 @@ def _cpp_backend(key, loaded, device_ok, device_reason):
                if key == "CUDA" else "no CPU kernels registered")
         return "no", "no", why
     notes = "kernels: " + ", ".join(have)
+    if key == "CPU":
+        notes = _cpu_threads() + "; " + notes
     if missing:
         notes += "; no kernel yet: " + ", ".join(missing)
     if not device_ok:

@@ -34,3 +34,12 @@ def test_info_without_library():
     _check(proc)
     assert "not built" in proc.stdout and "setup.py build_ext" in proc.stdout, \
         proc.stdout
+
+
+def test_cpu_kernels_are_built_parallel():
+    # at::parallel_for compiled without torch's OpenMP runs serially.
+    import torch
+    import canet_kernels  # noqa: F401
+    from canet_kernels import _C
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        assert _C.cpu_parallel()
