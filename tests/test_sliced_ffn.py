@@ -34,6 +34,34 @@ def test_matches_reference(dtype, ratio):
     assert_zero_beyond(got[1], args[1], args[2])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_tiles_over_threads(threads):
+    # Enough rows for the forward's row tiles to spread over the threads,
+    # runs of several widths and a run shorter than a tile; training
+    # (pre-activation saved, every gradient) and inference.
+    lengths = [50] * 30 + [7] * 3 + [50] * 25 + [13] * 40 + [1]
+    widths = [40] * 30 + [24] * 3 + [8] * 25 + [40] * 40 + [16]
+    args = make_args(lengths=lengths, widths=widths)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = assert_matches_reference(op.sliced_ffn, reference.sliced_ffn, args,
+                                       torch.float32, NAMES)
+        assert_zero_beyond(got[0], args[1], args[2])
+        plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        out, hidden = op.sliced_ffn_fwd(*plain)
+        with torch.inference_mode():  # thread-local state reaches the pool threads
+            torch.testing.assert_close(op.sliced_ffn(*plain), out)
+        x, cu, w, w1, b1 = plain[:5]
+        for b in range(len(w)):
+            s, e, d = int(cu[b]), int(cu[b + 1]), int(w[b])
+            torch.testing.assert_close(hidden[s:e, :R * d],
+                                       x[s:e, :d] @ w1[:R * d, :d].T + b1[:R * d])
+            assert hidden[s:e, R * d:].abs().sum() == 0
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_hidden_is_the_pre_activation():
     args = [a.detach() if isinstance(a, torch.Tensor) else a for a in make_args()]
     x, cu, widths, w1, b1 = args[:5]

@@ -1,6 +1,13 @@
-// FFN sublayer gelu(x W1^T + b1) W2^T + b2 at per-sample width, on the CPU:
-// two BLAS calls per run of equal-width samples.
+// FFN sublayer gelu(x W1^T + b1) W2^T + b2 at per-sample width, on the CPU.
+// Forward: tiles of rows of equal-width samples, two BLAS calls each with
+// GELU in between on cache-resident rows, tiles spread over the threads.
+// Backward: two BLAS calls per run of equal-width samples.
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
 
 #include "common.h"
 
@@ -25,6 +32,11 @@ std::vector<Run> check(const at::Tensor& x, const at::Tensor& cu_seqlens,
   return make_runs(check_routes(x, cu_seqlens, widths, D, kOp));
 }
 
+// Rows per forward tile. Measured on 2 cores (256 x 50 tokens, widths
+// 64-128, 2 threads): 512-1024 rows 6-8% faster than one call per run, 128
+// slower (per-call overhead).
+constexpr int64_t kTileRows = 512;
+
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(
     const at::Tensor& x_, const at::Tensor& cu_seqlens, const at::Tensor& widths,
     const at::Tensor& w1_, const at::Tensor& b1, const at::Tensor& w2_,
@@ -33,25 +45,51 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(
   check_like(b1, x_, kOp, "b1", {w1_.size(0)});
   check_like(b2, x_, kOp, "b2", {x_.size(1)});
   const auto x = x_.contiguous(), w1 = w1_.contiguous(), w2 = w2_.contiguous();
-  // Columns beyond each run's width are zeroed after the GEMMs have written
-  // (and faulted in) the rows: cheaper than zero-filling whole buffers first.
   const int64_t I = w1.size(0), D = x.size(1);
   auto hidden = at::empty({save_hidden ? x.size(0) : 0, I}, x.options());
   auto out = at::empty_like(x);
-  for (const Run& r : runs) {
-    const int64_t w = r.in_w, inner = ratio * w;
-    // A contiguous pre-activation keeps GELU and the second GEMM on dense
-    // memory; the copy into `hidden` (saved for backward) is cheap beside it.
-    auto h = at::addmm(b1.slice(0, 0, inner), block(x, r, 0, w),
-                       w1.slice(0, 0, inner).slice(1, 0, w).t());
-    addmm_into(block(out, r, 0, w), b2.slice(0, 0, w), at::gelu(h),
-               w2.slice(0, 0, w).slice(1, 0, inner).t());
-    block(out, r, w, D).zero_();
+  std::vector<Run> tiles;  // never crossing a run
+  for (const Run& r : runs)
+    for (int64_t s = r.row0; s < r.row1; s += kTileRows)
+      tiles.push_back({s, std::min(s + kTileRows, r.row1), r.in_w, r.out_w});
+  // act: the tile's activation (and its pre-activation in inference); the
+  // pre-activation of training goes straight into `hidden`, saved for
+  // backward. Columns beyond the width are zeroed after the GEMMs wrote
+  // (and faulted in) the rows: cheaper than zero-filling whole buffers.
+  auto run_tile = [&](const Run& t, at::Tensor& act) {
+    const int64_t w = t.in_w, inner = ratio * w, rows = t.row1 - t.row0;
+    auto a = act.view(-1).slice(0, 0, rows * inner).view({rows, inner});
+    auto h = save_hidden ? block(hidden, t, 0, inner) : a;
+    addmm_into(h, b1.slice(0, 0, inner), block(x, t, 0, w),
+               w1.slice(0, 0, inner).slice(1, 0, w).t());
     if (save_hidden) {
-      block(hidden, r, 0, inner).copy_(h);
-      block(hidden, r, inner, I).zero_();
+      at::gelu_out(a, h);
+      block(hidden, t, inner, I).zero_();
+    } else {
+      at::gelu_(a);
     }
+    addmm_into(block(out, t, 0, w), b2.slice(0, 0, w), a,
+               w2.slice(0, 0, w).slice(1, 0, inner).t());
+    block(out, t, w, D).zero_();
+  };
+  const int64_t n = static_cast<int64_t>(tiles.size());
+  const int64_t threads = at::get_num_threads();
+  if (n < 2 * threads || at::in_parallel_region()) {
+    // few tiles: one after another, each call using every thread
+    auto act = at::empty({kTileRows * I}, x.options());
+    for (const Run& t : tiles) run_tile(t, act);
+    return {out, hidden};
   }
+  // Each thread takes the next tile when done (a 128-wide tile costs 4x a
+  // 64-wide one); the ATen calls run on the pool threads, with the caller's
+  // thread-local state.
+  std::atomic<int64_t> next{0};
+  const at::ThreadLocalState state;
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    at::ThreadLocalStateGuard guard(state);
+    auto act = at::empty({kTileRows * I}, x.options());
+    for (int64_t i = next++; i < n; i = next++) run_tile(tiles[i], act);
+  });
   return {out, hidden};
 }
 
