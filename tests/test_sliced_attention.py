@@ -151,6 +151,21 @@ def test_inference_chunks_many_groups_over_threads():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("layout", [GROUPED, MIXED_RUN])
+def test_inference_bf16_within_the_16_bit_rule(layout):
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in make_args(**layout)]
+
+    def cast(dt):
+        return [a.to(dt) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                for a in args]
+
+    want = reference.sliced_attention(*cast(torch.float64))
+    got = op.sliced_attention_fwd(*cast(torch.bfloat16), save_activations=False)[0]
+    low = reference.sliced_attention(*cast(torch.bfloat16))
+    err = (got.double() - want).abs().max().item()
+    assert err <= 2 * (low.double() - want).abs().max().item() + 1e-2
+
+
 def test_depth_prefix_is_a_view():
     # A batch sorted by depth runs layer l on a prefix: views, no copy.
     args = [a.detach() if isinstance(a, torch.Tensor) else a for a in make_args()]
