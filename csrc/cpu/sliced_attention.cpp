@@ -382,6 +382,8 @@ void flash_fwd(const at::Tensor& qkv, at::Tensor& ctx, at::Tensor& lse,
 // (rows x 3w) and the attention output stay in a core's L2 from the first
 // GEMM to the last.
 constexpr int64_t kChunkRows = 384;
+// Smallest group that runs fused in inference.
+constexpr int64_t kMinFusedRows = 256;
 
 // Inference on the groups, the whole sublayer per chunk of a group's
 // samples: one GEMM for Q, K and V side by side into a per-thread buffer,
@@ -522,9 +524,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
   auto qkv = at::empty({T, 3, D}, x.options());
   auto ctx = at::empty({T, D}, x.options());
   auto lse = at::empty({T, num_heads}, x.options().dtype(acc_type(x.scalar_type())));
-  // Inference: the groups run fused (nothing saved); the staged path below
-  // covers only the scattered samples between them.
-  const auto staged = save ? c.runs : outside_groups(c.runs, c.groups);
+  // Inference: groups of at least kMinFusedRows rows run fused (nothing
+  // saved); the staged path below covers the rest of the rows: scattered
+  // samples and small groups, whose projections are better done as one GEMM
+  // per stretch of a run than as two per group (real data: many small groups).
+  std::vector<Group> fused, flash;
+  for (const Group& g : c.groups)
+    (!save && g.count * g.n >= kMinFusedRows ? fused : flash).push_back(g);
+  const auto staged = fused.empty() ? c.runs : outside_groups(c.runs, fused);
   project_qkv(x, w_qkv, b_qkv, qkv, staged);
   if (save)
     for (const Run& r : c.runs) qkv.slice(0, r.row0, r.row1).slice(2, r.in_w, D).zero_();
@@ -532,10 +539,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
                                   "sliced_attention_fwd", [&] {
     attention_fwd<scalar_t>(qkv, ctx, lse, c.tasks, num_heads, causal);
   });
-  if (save)
-    flash_fwd(qkv, ctx, lse, c.groups, num_heads, causal);
-  else
-    fused_groups_fwd(x, w_qkv, b_qkv, w_o, b_o, c.groups, num_heads, causal, out);
+  flash_fwd(qkv, ctx, lse, flash, num_heads, causal);
+  fused_groups_fwd(x, w_qkv, b_qkv, w_o, b_o, fused, num_heads, causal, out);
   for (const Run& r : staged) {
     addmm_into(block(out, r, 0, r.in_w), b_o.slice(0, 0, r.in_w),
                block(ctx, r, 0, r.in_w), w_o.slice(0, 0, r.in_w).slice(1, 0, r.in_w).t());
