@@ -105,8 +105,7 @@ def main():
                            hidden_widths=a.hidden_widths, depths=a.depths,
                            num_heads=a.heads, dropout=a.dropout,
                            flop_target=a.flop_target, budget_weight=a.budget_weight,
-                           residual_scale_init=(a.residual_scale_init
-                                                if a.residual_scale_init > 0 else None))
+                           residual_scale_init=a.residual_scale_init)
         runs = {}
         kinds = [k for k in a.models if not (a.skip_dense and k == "dense")]
         for kind in kinds:

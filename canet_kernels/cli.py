@@ -72,8 +72,7 @@ def _model_cfg(args, n_items):
         flop_target=args.flop_target if args.flop_target and args.flop_target > 0 else None,
         budget_weight=args.budget_weight, guide_weight=args.guide_weight,
         uniform_weight=args.uniform_weight,
-        residual_scale_init=(args.residual_scale_init
-                             if args.residual_scale_init > 0 else None))
+        residual_scale_init=args.residual_scale_init)
 
 
 def _add_train_args(p, defaults=None):

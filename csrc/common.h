@@ -3,8 +3,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <c10/util/irange.h>
 
+#include <algorithm>
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -145,6 +149,47 @@ inline void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
 inline void addmm_into(at::Tensor out, const at::Tensor& bias,
                        const at::Tensor& a, const at::Tensor& b) {
   at::addmm_out(out, bias, a, b);
+}
+
+}  // namespace canet
+
+namespace canet {
+
+// Runs `worker(take)` on every thread; `take()` hands out the item indices
+// 0 .. n-1 one at a time and then -1, so items of uneven cost balance. The
+// ATen calls a worker makes run on the calling thread, with the caller's
+// thread-local state (grad mode, inference mode, dispatch keys). With fewer
+// than two items per thread, or inside a parallel region already, one worker
+// takes every item and each item's own calls use every thread. A worker
+// allocates its scratch once, before its first take().
+template <typename Worker>
+void parallel_items(int64_t n, const Worker& worker) {
+  std::atomic<int64_t> next{0};
+  auto take = [&]() {
+    const int64_t i = next++;
+    return i < n ? i : int64_t(-1);
+  };
+  const int64_t threads = at::get_num_threads();
+  if (n < 2 * threads || at::in_parallel_region()) {
+    worker(take);
+    return;
+  }
+  const at::ThreadLocalState state;
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    at::ThreadLocalStateGuard guard(state);
+    worker(take);
+  });
+}
+
+// Indices 0 .. n-1 by decreasing cost(i): with parallel_items, the largest
+// items start first.
+template <typename Cost>
+std::vector<int64_t> largest_first(int64_t n, const Cost& cost) {
+  std::vector<int64_t> order(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
+  return order;
 }
 
 }  // namespace canet

@@ -15,9 +15,20 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 
+#include <initializer_list>
+
 namespace canet {
 
 namespace {
+
+// Whether a backward pass can follow: only then does `<op>_fwd` need to
+// write what backward reads (inference skips it).
+bool needs_saved(std::initializer_list<const at::Tensor*> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor* t : inputs)
+    if (t->requires_grad()) return true;
+  return false;
+}
 
 at::Tensor sliced_attention(const at::Tensor& x, const at::Tensor& cu_seqlens,
                             const at::Tensor& widths, const at::Tensor& w_qkv,
@@ -32,11 +43,7 @@ at::Tensor sliced_attention(const at::Tensor& x, const at::Tensor& cu_seqlens,
                            const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, int64_t, bool, bool)>();
-  // Inference needs no saved activations: skip writing them.
-  const bool save = at::GradMode::is_enabled() &&
-                    (x.requires_grad() || w_qkv.requires_grad() ||
-                     b_qkv.requires_grad() || w_o.requires_grad() ||
-                     b_o.requires_grad());
+  const bool save = needs_saved({&x, &w_qkv, &b_qkv, &w_o, &b_o});
   return std::get<0>(op.call(x, cu_seqlens, widths, w_qkv, b_qkv, w_o, b_o,
                              num_heads, causal, save));
 }
@@ -52,11 +59,7 @@ at::Tensor sliced_ffn(const at::Tensor& x, const at::Tensor& cu_seqlens,
               const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, int64_t, bool)>();
-  // Inference needs no saved pre-activation: skip writing it.
-  const bool save = at::GradMode::is_enabled() &&
-                    (x.requires_grad() || w1.requires_grad() ||
-                     b1.requires_grad() || w2.requires_grad() ||
-                     b2.requires_grad());
+  const bool save = needs_saved({&x, &w1, &b1, &w2, &b2});
   return std::get<0>(
       op.call(x, cu_seqlens, widths, w1, b1, w2, b2, ratio, save));
 }

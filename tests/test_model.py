@@ -300,6 +300,7 @@ def test_config_checks():
         tiny_cfg(flop_target=1.5)
     cfg = tiny_cfg()
     assert CANetConfig.from_dict(cfg.to_dict()) == cfg
+    assert tiny_cfg(residual_scale_init=0.0).residual_scale_init is None  # plain post-LN
 
 
 def test_bad_batches_are_refused():

@@ -19,7 +19,7 @@ class CANetConfig:
     # learnable scale on each sublayer's output before the residual add+LN,
     # initialised to this value as in the CANet code: every layer starts near
     # the identity, so deep routes train (without it the 8-layer model stalls
-    # at the popularity loss on Beauty); None = plain post-LN
+    # at the popularity loss on Beauty); None or <= 0 = plain post-LN
     residual_scale_init: float | None = 1e-8
     # router: a 1-layer transformer over the sequence
     router_width: int = 32
@@ -35,6 +35,8 @@ class CANetConfig:
     budget_weight: float = 1.0
 
     def __post_init__(self):
+        if self.residual_scale_init is not None and self.residual_scale_init <= 0:
+            self.residual_scale_init = None  # <= 0 means plain post-LN
         self.emb_widths = tuple(sorted(int(v) for v in self.emb_widths))
         self.hidden_widths = tuple(sorted(int(v) for v in self.hidden_widths))
         self.depths = tuple(sorted(int(v) for v in self.depths))

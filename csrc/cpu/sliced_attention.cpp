@@ -3,14 +3,11 @@
 // Attention core: one task per (sample, head), softmax in fp32 (fp64 for
 // fp64), inner loops laid out to vectorize over keys or features.
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <numeric>
 #include <cstring>
 #include <limits>
 
@@ -334,32 +331,17 @@ at::Tensor lse_view(const at::Tensor& lse, const Group& g, int64_t H) {
       .transpose(1, 2);  // [G, H, n]
 }
 
-// Runs fn(i) for every group, the groups spread over the threads (largest
-// first, each thread taking the next one when done): ATen's flash attention
-// parallelises one call of 50-token sequences poorly (about 1.2x on 2
-// threads), while independent groups scale. Inside the parallel region the
-// library calls run on the calling thread. With fewer groups than threads,
-// one call after another, each using every thread.
+// Runs fn(i) for every group, the groups spread over the threads, largest
+// first: ATen's flash attention parallelises one call of 50-token sequences
+// poorly (about 1.2x on 2 threads), while independent groups scale.
 template <typename F>
 void for_each_group(const std::vector<Group>& groups, const F& fn) {
   const int64_t n = static_cast<int64_t>(groups.size());
-  const int64_t threads = at::get_num_threads();
-  if (n < 2 * threads || at::in_parallel_region()) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
-  std::vector<int64_t> order(n);
-  std::iota(order.begin(), order.end(), 0);
-  auto cost = [&](int64_t i) { return groups[i].count * groups[i].n * groups[i].n * groups[i].w; };
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
-  std::atomic<int64_t> next{0};
-  // The ATen calls in fn run on pool threads: give them the caller's
-  // thread-local state (grad mode, inference mode, dispatch keys).
-  const at::ThreadLocalState state;
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    at::ThreadLocalStateGuard guard(state);
-    for (int64_t k = next++; k < n; k = next++) fn(order[k]);
+  const auto order = largest_first(n, [&](int64_t i) {
+    return groups[i].count * groups[i].n * groups[i].n * groups[i].w;
+  });
+  parallel_items(n, [&](const auto& take) {
+    for (int64_t k = take(); k >= 0; k = take()) fn(order[k]);
   });
 }
 
@@ -432,27 +414,13 @@ void fused_groups_fwd(const at::Tensor& x, const at::Tensor& w_qkv,
                b_o.slice(0, 0, w), ctx, w_o.slice(0, 0, w).slice(1, 0, w).t());
   };
   const int64_t n = static_cast<int64_t>(chunks.size());
-  const int64_t threads = at::get_num_threads();
-  if (n < 2 * threads || at::in_parallel_region()) {
-    auto local = at::empty({max_rows * 3 * D}, x.options());
-    for (const Group& ch : chunks) run_chunk(ch, local);
-    return;
-  }
-  // Largest first, each thread taking the next chunk when done.
-  std::vector<int64_t> order(n);
-  std::iota(order.begin(), order.end(), 0);
-  auto cost = [&](int64_t i) {
+  const auto order = largest_first(n, [&](int64_t i) {
     const Group& c = chunks[i];
     return c.count * c.n * c.w * (c.n + 12 * c.w);
-  };
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
-  std::atomic<int64_t> next{0};
-  const at::ThreadLocalState state;  // as in for_each_group
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    at::ThreadLocalStateGuard guard(state);
+  });
+  parallel_items(n, [&](const auto& take) {
     auto local = at::empty({max_rows * 3 * D}, x.options());
-    for (int64_t k = next++; k < n; k = next++) run_chunk(chunks[order[k]], local);
+    for (int64_t k = take(); k >= 0; k = take()) run_chunk(chunks[order[k]], local);
   });
 }
 

@@ -2,12 +2,9 @@
 // Forward: tiles of rows of equal-width samples, two BLAS calls each with
 // GELU in between on cache-resident rows, tiles spread over the threads.
 // Backward: two BLAS calls per run of equal-width samples.
-#include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 
 #include "common.h"
 
@@ -72,23 +69,11 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(
                w2.slice(0, 0, w).slice(1, 0, inner).t());
     block(out, t, w, D).zero_();
   };
-  const int64_t n = static_cast<int64_t>(tiles.size());
-  const int64_t threads = at::get_num_threads();
-  if (n < 2 * threads || at::in_parallel_region()) {
-    // few tiles: one after another, each call using every thread
+  // Tiles in order (a 128-wide tile costs 4x a 64-wide one: taken one at a
+  // time, they balance over the threads).
+  parallel_items(static_cast<int64_t>(tiles.size()), [&](const auto& take) {
     auto act = at::empty({kTileRows * I}, x.options());
-    for (const Run& t : tiles) run_tile(t, act);
-    return {out, hidden};
-  }
-  // Each thread takes the next tile when done (a 128-wide tile costs 4x a
-  // 64-wide one); the ATen calls run on the pool threads, with the caller's
-  // thread-local state.
-  std::atomic<int64_t> next{0};
-  const at::ThreadLocalState state;
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    at::ThreadLocalStateGuard guard(state);
-    auto act = at::empty({kTileRows * I}, x.options());
-    for (int64_t i = next++; i < n; i = next++) run_tile(tiles[i], act);
+    for (int64_t i = take(); i >= 0; i = take()) run_tile(tiles[i], act);
   });
   return {out, hidden};
 }
