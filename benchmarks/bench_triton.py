@@ -10,8 +10,11 @@ Scenarios (forward unless said):
              the routed FLOP ratio (the time a perfect backend would reach)
   max_route  every sample on the max route (width 128, depth 8): routed /
              dense, target <= 1.05
-  latency    64 samples x 50 tokens, mixed routes, eager and CUDA graph
+  latency    64 samples x 50 tokens, mixed routes
   training   forward + backward of the mixed batch
+Forward scenarios are timed eager and replayed from CUDA graphs (both models
+captured alike): the graph figures show the kernels without Python's launch
+overhead.
 Per layer the routed stack runs sliced_attention -> sliced_add_layernorm
 (residual) -> sliced_ffn -> sliced_add_layernorm (residual) on the route
 plan's prefix views; the dense model runs F.linear + scaled_dot_product_attention
@@ -85,17 +88,19 @@ def routed_flop_ratio(batch, D, layers):
 # ---------------------------------------------------------------- models --
 
 class TritonOps:
-    """The four ops, forward only, straight from the Triton launchers."""
+    """The four ops, forward only (inference: nothing saved for backward),
+    straight from the Triton launchers."""
 
     def __init__(self, kt):
         self.kt = kt
 
     def attention(self, x, cu, w, p):
         return self.kt.sliced_attention_fwd(x, cu, w, p["w_qkv"], p["b_qkv"], p["w_o"],
-                                            p["b_o"], HEADS, True)[0]
+                                            p["b_o"], HEADS, True, False)[0]
 
     def ffn(self, x, cu, w, p):
-        return self.kt.sliced_ffn_fwd(x, cu, w, p["w1"], p["b1"], p["w2"], p["b2"], RATIO)[0]
+        return self.kt.sliced_ffn_fwd(x, cu, w, p["w1"], p["b1"], p["w2"], p["b2"], RATIO,
+                                      False)[0]
 
     def add_ln(self, x, res, cu, w, weight, bias):
         return self.kt.sliced_add_layernorm_fwd(x, res, cu, w, weight, bias, EPS)[0]
@@ -250,6 +255,34 @@ def training_scenario(cfg, batch, weights, dense_weights, device):
                 routed_flop_ratio=routed_flop_ratio(batch, cfg["D"], cfg["layers"]))
 
 
+def kernel_profile(fns, top=12):
+    """Device time per kernel name (ms, summed over one call of each fn),
+    read from the profiler's kernel events: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    out = {}
+    for name, fn in fns.items():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        per = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                k = e.name[:80]
+                t, n = per.get(k, (0.0, 0))
+                per[k] = (t + e.time_range.elapsed_us() / 1e3, n + 1)
+        total = sum(t for t, _ in per.values())
+        rows = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
+        out[name] = dict(kernel_ms=total, launches=sum(n for _, n in per.values()),
+                         top=[dict(kernel=k, ms=t, calls=n) for k, (t, n) in rows])
+        print(f"profile {name}: {total:.3f} ms of kernels in "
+              f"{out[name]['launches']} launches")
+        for k, (t, n) in rows:
+            print(f"  {t:8.3f} ms {n:5d}x  {k}")
+    return out
+
+
 # scenario: (samples, tokens per sample, widths, depths)
 CONFIGS = {
     "full": dict(D=128, layers=8, dtype=torch.bfloat16, reps=15, warmup=3,
@@ -271,6 +304,10 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on the CPU (TRITON_INTERPRET=1), to exercise the code")
     ap.add_argument("--only", nargs="*", help="scenarios to run (default: all)")
+    ap.add_argument("--blocks", help="JSON of tile-shape overrides, as written by "
+                    "tune_triton.py --write-blocks ({'ffn/half': {...}, ...})")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print device time per kernel of the mixed forward (CUDA)")
     args = ap.parse_args(argv)
 
     cfg = CONFIGS["smoke" if args.smoke else "full"]
@@ -286,6 +323,13 @@ def main(argv=None):
     import canet_kernels  # noqa: F401  registers the ops
     import canet_kernels.triton as kt
     kt.register(force=True)
+    blocks = {}
+    if args.blocks:
+        from canet_kernels.triton import _common
+        with open(args.blocks) as f:
+            blocks = json.load(f)
+        for key, value in blocks.items():
+            _common.BLOCKS[tuple(key.split("/"))] = value
     if args.smoke:  # the training step dispatches on CPU tensors: send it to Triton too
         for name, fn in kt.KERNELS.items():
             torch.library.register_kernel(f"canet::{name}", "cpu", fn)
@@ -296,7 +340,8 @@ def main(argv=None):
     meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else
                 f"cpu ({platform.processor() or platform.machine()}, triton interpreter)",
                 torch=torch.__version__, triton=triton.__version__, dtype=str(dtype),
-                D=D, layers=layers, heads=HEADS, ffn_ratio=RATIO, smoke=args.smoke)
+                D=D, layers=layers, heads=HEADS, ffn_ratio=RATIO, smoke=args.smoke,
+                block_overrides=blocks)
     results = {}
     todo = args.only or list(cfg["scenarios"])
     for name in todo:
@@ -307,7 +352,7 @@ def main(argv=None):
             res = training_scenario(cfg, batch, grad_weights, grad_weights, device)
         else:
             res = forward_scenario(name, cfg, batch, weights, weights, kt, device,
-                                   graphs=device.type == "cuda" and name == "latency")
+                                   graphs=device.type == "cuda")
         res["wall_s"] = time.perf_counter() - t0
         results[name] = res
         extra = (f", graphs {res['graph_routed_over_dense']:.3f}"
@@ -318,6 +363,14 @@ def main(argv=None):
               flush=True)
         for key, err in res.get("errors", {}).items():
             print(f"  {key}: {err}")
+    if args.profile and device.type == "cuda":
+        B, L, widths, depths = cfg["scenarios"]["mixed"]
+        batch = make_batch(B, L, widths, depths, D, dtype, device)
+        ops = TritonOps(kt)
+        with torch.no_grad():
+            results["profile"] = kernel_profile(dict(
+                routed=lambda: routed_forward(ops, batch["x"], batch["plan"], weights),
+                dense=lambda: dense_forward(batch["dense_x"], weights)))
     if "max_route" in results:
         results["max_route"]["target"] = "routed/dense <= 1.05"
         results["max_route"]["meets_target"] = results["max_route"]["routed_over_dense"] <= 1.05

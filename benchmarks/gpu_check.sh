@@ -2,9 +2,14 @@
 # GPU check of canet on a bare CUDA machine (torch + triton installed, no
 # network), in under 8 minutes:
 #   1. build the package (CUDA sources too when nvcc is present)
-#   2. the test suite with the CUDA tests (tests/test_triton_gpu.py and others)
-#   3. benchmarks/bench_triton.py -> OUTDIR/triton.json
-#   4. the benchmark suite, when benchmarks/run.py exists
+#   2. the tests that run on the GPU (tests/test_triton_gpu.py, test_info.py);
+#      the CPU suite is CI's job
+#   3. benchmarks/tune_triton.py: tile shapes of each kernel family timed on
+#      the target batch -> OUTDIR/tune.json, fastest in OUTDIR/blocks.json
+#   4. benchmarks/bench_triton.py with those tile shapes -> OUTDIR/triton.json,
+#      with a per-kernel profile of the routed and dense forward
+#   5. the benchmark suite (benchmarks/run.py --device cuda)
+# GPU_CHECK_SKIP="tune bench_suite" skips steps by name.
 # Each step has its own time limit inside one overall budget; a failing step
 # does not stop the later ones. Logs go to OUTDIR/<step>.log and a summary to
 # OUTDIR/summary.json.
@@ -21,8 +26,11 @@ OUT=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.."
 
 export CANET_CUDA_ARCHS="${CANET_CUDA_ARCHS:-9.0}"
-PY="${PYTHON:-python}"
-BUDGET=430          # seconds for all steps; kills and the summary need a few more
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export PYTHONUNBUFFERED=1
+# images that hold torch often have only python3
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+BUDGET=450          # seconds for all steps; kills and the summary need a few more
 START=$(date +%s)
 STEPS=""
 
@@ -34,6 +42,9 @@ step() {
     local limit=$(( cap < left ? cap : left ))
     local t0 rc
     t0=$(date +%s)
+    case " ${GPU_CHECK_SKIP:-} " in
+        *" $name "*) echo "== $name: skipped (GPU_CHECK_SKIP)"; return 0 ;;
+    esac
     if [ "$limit" -lt 5 ]; then
         echo "== $name: skipped, out of time" | tee "$OUT/$name.log"
         rc=124
@@ -50,12 +61,18 @@ step() {
     return 0
 }
 
-step build 200 "$PY" -m pip install -e . --no-build-isolation --no-deps
-step tests 200 "$PY" -m pytest tests -x -q -rs
-step bench_triton 150 "$PY" benchmarks/bench_triton.py --json "$OUT/triton.json"
-if [ -f benchmarks/run.py ]; then
-    step bench_suite 150 "$PY" -m benchmarks.run --device cuda --out "$OUT"
-fi
+# --use-pep517: an old pip would run `setup.py develop`, which re-invokes pip
+# with build isolation (no network here)
+step build 200 "$PY" -m pip install -e . --no-build-isolation --no-deps --use-pep517
+step info 30 "$PY" -m canet_kernels.info
+step tests 150 "$PY" -m pytest tests/test_triton_gpu.py tests/test_info.py -q -rs
+step tune 150 "$PY" benchmarks/tune_triton.py --json "$OUT/tune.json" \
+    --write-blocks "$OUT/blocks.json"
+BLOCKS=()
+if [ -s "$OUT/blocks.json" ]; then BLOCKS=(--blocks "$OUT/blocks.json"); fi
+step bench_triton 150 "$PY" benchmarks/bench_triton.py --profile "${BLOCKS[@]}" \
+    --json "$OUT/triton.json"
+step bench_suite 120 "$PY" -m benchmarks.run --device cuda --out "$OUT"
 
 STEPS="$STEPS" OUT="$OUT" "$PY" - <<'EOF'
 import json, os, subprocess
@@ -93,6 +110,14 @@ if os.path.exists(bench):
         k: {m: v[m] for m in ("routed_over_dense", "routed_flop_ratio",
                               "graph_routed_over_dense", "meets_target") if m in v}
         for k, v in res.items()}
+tune = os.path.join(os.environ["OUT"], "tune.json")
+if os.path.exists(tune):
+    t = json.load(open(tune))
+    summary["tune_best"] = t.get("best")
+    summary["tune_ms"] = {fam: dict(dense=r["dense_ms"], default=r["variants"][0]["ms"],
+                                    best=min((v["ms"] for v in r["variants"]
+                                              if v["error"] is None), default=None))
+                          for fam, r in t.get("results", {}).items()}
 with open(os.path.join(os.environ["OUT"], "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
 print(json.dumps(summary, indent=2))

@@ -151,16 +151,21 @@ def test_gradient_parity_with_router_fp64():
     assert out["routed"][1]["router.head.weight"].abs().sum() > 0
 
 
-def test_parity_fp32():
-    cfg = tiny_cfg()
-    m = model(cfg, torch.float32)
-    items, lengths, targets, routes = batch(cfg)
+def loss_and_grads(m, items, lengths, targets, routes):
+    """{path: (loss, parameter gradients)} for the routed and masked paths."""
     res = {}
     for path in ("routed", "masked"):
         m.zero_grad(set_to_none=True)
         loss, _ = m.loss(items, lengths, targets, routes=routes, path=path)
         loss.backward()
         res[path] = (loss.detach(), grads(m))
+    return res
+
+
+def test_parity_fp32():
+    cfg = tiny_cfg()
+    m = model(cfg, torch.float32)
+    res = loss_and_grads(m, *batch(cfg))
     torch.testing.assert_close(res["routed"][0], res["masked"][0], atol=1e-5, rtol=1e-5)
     assert_close_dicts(res["routed"][1], res["masked"][1], atol=2e-5, rtol=1e-4)
 

@@ -147,8 +147,13 @@ def test_linear(dtype, has_bias):
 
 # -------------------------------------------------------------------- ffn --
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ffn(dtype):
+@pytest.mark.parametrize("dtype,xres", [(torch.float32, False), (torch.float64, False),
+                                        (torch.float32, True)],
+                         ids=["fp32", "fp64", "fp32-x-resident"])
+def test_ffn(dtype, xres, monkeypatch):
+    # xres: the forward variant that holds x for every chunk (a GPU tile choice)
+    from canet_kernels.triton import _common
+    monkeypatch.setattr(_common, "INTERPRETER_FFN_XRES", xres)
     cu, widths = routes()
     T = int(cu[-1])
     x = garbage(rand(T, D, dtype=dtype, seed=1), cu, widths)
@@ -347,3 +352,16 @@ def test_benchmark_smoke(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert out.exists()
+
+
+def test_tune_smoke(tmp_path):
+    # the tile-shape sweep's code path, under the interpreter (tiny shapes)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out, best = tmp_path / "tune.json", tmp_path / "blocks.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "tune_triton.py"),
+                           "--smoke", "--json", str(out), "--write-blocks", str(best)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    import json
+    assert set(json.loads(best.read_text())) == {"ffn/full", "mm/full", "attn/full"}

@@ -173,3 +173,15 @@ def test_cuda_graph_of_a_routed_sequence():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, step())
+
+
+def test_model_routed_matches_masked():
+    # the whole CANet model on CUDA: routed (canet ops) against the paper's
+    # masked formulation, loss and every parameter gradient, fp32
+    from test_model import batch, loss_and_grads, model, tiny_cfg
+    cfg = tiny_cfg()
+    m = model(cfg, torch.float32).to(DEV)
+    res = loss_and_grads(m, *(t.to(DEV) for t in batch(cfg)))
+    torch.testing.assert_close(res["routed"][0], res["masked"][0], atol=1e-4, rtol=1e-4)
+    for k, g in res["masked"][1].items():
+        torch.testing.assert_close(res["routed"][1][k], g, atol=1e-4, rtol=1e-3, msg=k)

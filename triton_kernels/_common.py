@@ -40,6 +40,34 @@ def stat_dtype(dtype):
     return torch.float32 if dtype in HALF else dtype
 
 
+# Tile shapes of the compiled (GPU) kernels: one table, per kernel and dtype
+# class ("half": bf16/fp16 on tensor cores; "full": fp32/fp64, whose dots
+# run on CUDA cores and want smaller tiles). benchmarks/tune_triton.py
+# times alternatives by overriding entries. mm/dw: grouped GEMM and weight
+# gradient (BM rows, BN columns, BK reduction); ffn: BM rows, BH-wide
+# chunks of the r*w intermediate, BK reduction (XRES=True: no K loop, the
+# row tile's x held for all chunks); attn: BM queries, BN keys. Defaults
+# from benchmarks/tune_triton.py on an H100 (bf16, the 1024 x 200 batch).
+BLOCKS = {
+    ("mm", "half"): dict(BM=64, BN=128, BK=32, warps=4, stages=3),
+    ("mm", "full"): dict(BM=64, BN=64, BK=32, warps=4, stages=3),
+    ("dw", "half"): dict(BM=64, BN=64, BK=64, warps=4, stages=3),
+    ("dw", "full"): dict(BM=64, BN=64, BK=64, warps=4, stages=3),
+    ("ffn", "half"): dict(BM=128, BH=64, BK=32, warps=8, stages=3, XRES=True),
+    ("ffn", "full"): dict(BM=32, BH=32, BK=32, warps=8, stages=3),
+    ("attn", "half"): dict(BM=64, BN=32, warps=4, stages=3),
+    ("attn", "full"): dict(BM=32, BN=32, warps=4, stages=3),
+}
+
+
+# the interpreter's FFN forward takes the K-loop path unless a test flips this
+INTERPRETER_FFN_XRES = False
+
+
+def blocks(kind: str, dtype) -> dict:
+    return BLOCKS[(kind, "half" if dtype in HALF else "full")]
+
+
 def small_blocks(t: torch.Tensor) -> bool:
     """CPU tensors run in the Triton interpreter (TRITON_INTERPRET=1), which
     runs programs one by one: small tiles there, so short test batches still

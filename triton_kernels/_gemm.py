@@ -79,7 +79,10 @@ def _mm_kernel(tiles, NT,
 
 
 def _blocks(t):
-    return (16, 64, 32, 4) if _common.small_blocks(t) else (64, 64, 32, 4)
+    if _common.small_blocks(t):
+        return 16, 64, 32, 4, 1
+    b = _common.blocks("mm", t.dtype)
+    return b["BM"], b["BN"], b["BK"], b["warps"], b["stages"]
 
 
 def mm(tiles, a, w, bias, y, *, kw_from_out=False, nseg=1, nz=1,
@@ -92,7 +95,7 @@ def mm(tiles, a, w, bias, y, *, kw_from_out=False, nseg=1, nz=1,
     a_k: columns of one segment of `a`; w_nk: (n, k) extents of W(n, k).
     Defaults: a's columns and W = w[..., n, k] (the last two dims).
     """
-    bm, bn, bk, warps = _blocks(a)
+    bm, bn, bk, warps, stages = _blocks(a)
     assert tiles.bm == bm
     n_out = y.shape[-1] if n_out is None else n_out
     grid = (tiles.nt, triton.cdiv(n_out, bn), nz)
@@ -105,7 +108,7 @@ def mm(tiles, a, w, bias, y, *, kw_from_out=False, nseg=1, nz=1,
                      SWAP=kw_from_out, HAS_BIAS=bias is not None,
                      BM=bm, BN=bn, BK=bk, ACC=acc_type(a.dtype),
                      PREC=dot_precision(a.dtype), IDX=index_type(a, y),
-                     num_warps=warps)
+                     num_warps=warps, num_stages=stages)
     return y
 
 
@@ -185,7 +188,10 @@ def _reduce_kernel(part_ptr, S, L, NK, gw_ptr, gb_ptr, TOTAL, BLOCK: tl.constexp
 
 
 def _dw_blocks(t):
-    return (16, 64, 64, 4) if _common.small_blocks(t) else (64, 64, 64, 4)
+    if _common.small_blocks(t):
+        return 16, 64, 64, 4, 1
+    b = _common.blocks("dw", t.dtype)
+    return b["BM"], b["BN"], b["BK"], b["warps"], b["stages"]
 
 
 def dw_rows(a):
@@ -200,7 +206,7 @@ def weight_grad(tiles, a, b, gw, gb, *, mn=1, mk=1, gelu_b=False, nz=1,
     a_strides = (row, n, z), b_strides = (row, k); the last dims of `a` and
     `b` bound n and k. gb may be None. Returns (gw, gb) in their own dtypes.
     """
-    bm, bn, bk, warps = _dw_blocks(a)
+    bm, bn, bk, warps, stages = _dw_blocks(a)
     assert tiles.bm == bm
     N_W, K_W = gw.shape[-2], gw.shape[-1]
     nb = N_W if gb is not None else 0
@@ -216,7 +222,7 @@ def weight_grad(tiles, a, b, gw, gb, *, mn=1, mk=1, gelu_b=False, nz=1,
                                 GELU_B=gelu_b, HAS_BIAS=gb is not None,
                                 BM=bm, BN=bn, BK=bk, ACC=acc_type(a.dtype),
                                 PREC=dot_precision(a.dtype), IDX=index_type(a, b),
-                                num_warps=warps)
+                                num_warps=warps, num_stages=stages)
     reduce_partials(part, L, N_W * K_W, gw, gb if gb is not None else gw)
     return gw, gb
 

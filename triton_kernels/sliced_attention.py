@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import (HALF, Checker, acc_torch, acc_type, dot_precision, index_type, next_pow2,
+from ._common import (Checker, acc_torch, acc_type, dot_precision, index_type, next_pow2,
                       stat_dtype)
 from ._gemm import dw_rows, mm, mm_rows, weight_grad
 from ._tiles import build_tiles
@@ -99,12 +99,14 @@ def _attn_fwd_kernel(tiles, NT, qkv_ptr, s_qm, ctx_ptr, s_cm, lse_ptr, s_lm, D, 
         kend = tl.minimum(row1, seg1)
     else:
         kend = seg1
-    # Head offsets are runtime values: when they are multiples of 8 say so,
-    # which lets the loads vectorise; other head dims take the plain path.
+    # Head offsets are runtime values: when they are multiples of 8, hd8 (the
+    # same number written as a multiple of 8) lets the compiler prove it and
+    # vectorise the loads; other head dims take the plain path. Not
+    # tl.multiple_of(hd, 8): that marks hd itself, in both branches.
     if hd % 8 == 0:
+        hd8 = (hd // 8) * 8
         _fwd_body(qkv_ptr, s_qm, ctx_ptr, s_cm, lse_ptr, s_lm, D, h, row0, row1, seg0,
-                  kend, tl.multiple_of(hd, 8), tl.multiple_of(h * hd, 8),
-                  CAUSAL, BM, BN, HDP, ACC, PREC, IDX)
+                  kend, hd8, h * hd8, CAUSAL, BM, BN, HDP, ACC, PREC, IDX)
     else:
         _fwd_body(qkv_ptr, s_qm, ctx_ptr, s_cm, lse_ptr, s_lm, D, h, row0, row1, seg0,
                   kend, hd, h * hd, CAUSAL, BM, BN, HDP, ACC, PREC, IDX)
@@ -175,10 +177,11 @@ def _attn_dq_kernel(tiles, NT, qkv_ptr, s_qm, ctx_ptr, dctx_ptr, s_cm, lse_ptr,
         kend = tl.minimum(row1, seg1)
     else:
         kend = seg1
-    if hd % 8 == 0:
+    if hd % 8 == 0:  # see _attn_fwd_kernel
+        hd8 = (hd // 8) * 8
         _dq_body(qkv_ptr, s_qm, ctx_ptr, dctx_ptr, s_cm, lse_ptr, delta_ptr, s_lm, dqkv_ptr,
-                 D, h, row0, row1, seg0, kend, tl.multiple_of(hd, 8),
-                 tl.multiple_of(h * hd, 8), CAUSAL, BM, BN, HDP, ACC, PREC, IDX)
+                 D, h, row0, row1, seg0, kend, hd8, h * hd8,
+                 CAUSAL, BM, BN, HDP, ACC, PREC, IDX)
     else:
         _dq_body(qkv_ptr, s_qm, ctx_ptr, dctx_ptr, s_cm, lse_ptr, delta_ptr, s_lm, dqkv_ptr,
                  D, h, row0, row1, seg0, kend, hd, h * hd,
@@ -252,10 +255,11 @@ def _attn_dkdv_kernel(tiles, NT, qkv_ptr, s_qm, dctx_ptr, s_cm, lse_ptr, delta_p
         qstart = row0
     else:
         qstart = seg0
-    if hd % 8 == 0:
+    if hd % 8 == 0:  # see _attn_fwd_kernel
+        hd8 = (hd // 8) * 8
         _dkdv_body(qkv_ptr, s_qm, dctx_ptr, s_cm, lse_ptr, delta_ptr, s_lm, dqkv_ptr,
-                   D, h, row0, row1, qstart, seg1, tl.multiple_of(hd, 8),
-                   tl.multiple_of(h * hd, 8), CAUSAL, BM, BQ, HDP, ACC, PREC, IDX)
+                   D, h, row0, row1, qstart, seg1, hd8, h * hd8,
+                   CAUSAL, BM, BQ, HDP, ACC, PREC, IDX)
     else:
         _dkdv_body(qkv_ptr, s_qm, dctx_ptr, s_cm, lse_ptr, delta_ptr, s_lm, dqkv_ptr,
                    D, h, row0, row1, qstart, seg1, hd, h * hd,
@@ -268,12 +272,12 @@ def _attn_dkdv_kernel(tiles, NT, qkv_ptr, s_qm, dctx_ptr, s_cm, lse_ptr, delta_p
 
 
 def _blocks(x, D, H):
+    """(BM, BN, head-dim block, zero-fill block, warps, stages)."""
     hdp = next_pow2(D // H)
     if _common.small_blocks(x):
-        return 16, 32, hdp, 32, 4
-    if x.dtype in HALF:
-        return 64, 64, hdp, 32, 4
-    return 32, 32, hdp, 32, 4  # fp32/fp64 dots run on CUDA cores
+        return 16, 32, hdp, 32, 4, 1
+    b = _common.blocks("attn", x.dtype)
+    return b["BM"], b["BN"], hdp, 32, b["warps"], b["stages"]
 
 
 def _check(op, x, cu_seqlens, widths, w_qkv, w_o, num_heads):
@@ -309,12 +313,12 @@ def sliced_attention_fwd(x, cu_seqlens, widths, w_qkv, b_qkv, w_o, b_o, num_head
     mm(tiles_g, x, w_qkv, b_qkv, qkv, nz=3, n_out=D,
        a_strides=(x.stride(0), 1, 0, 0), w_strides=(D, 1, 0, D * D),
        y_strides=(3 * D, 1, D), bias_stride=D)
-    bm, bn, hdp, zb, warps = _blocks(x, D, H)
+    bm, bn, hdp, zb, warps, stages = _blocks(x, D, H)
     _attn_fwd_kernel[(tiles_a.nt, H)](tiles_a.data, tiles_a.nt, qkv, 3 * D, ctx, D,
                                       lse, H, D, H, CAUSAL=bool(causal), BM=bm, BN=bn,
                                       HDP=hdp, ZB=zb, ACC=acc_type(x.dtype),
                                       PREC=dot_precision(x.dtype), IDX=index_type(qkv),
-                                      num_warps=warps)
+                                      num_warps=warps, num_stages=stages)
     mm(tiles_g, ctx, w_o, b_o, out, a_strides=(D, 1, 0, 0), w_strides=(D, 1, 0, 0),
        y_strides=(D, 1, 0))
     if not save_activations:  # the kernels still use the buffers; only drop them
@@ -348,11 +352,12 @@ def sliced_attention_backward(grad_out, x, cu_seqlens, widths, w_qkv, w_o, qkv, 
        y_strides=(D, 1, 0))
     weight_grad(tiles_w, dy, ctx, gw_o, gb_o, a_strides=(D, 1, 0), b_strides=(D, 1))
     # attention core
-    bm, bn, hdp, zb, warps = _blocks(x, D, H)
+    bm, bn, hdp, zb, warps, stages = _blocks(x, D, H)
     delta = torch.empty(T, H, dtype=acc_torch(x.dtype), device=x.device)
     dqkv = torch.empty(T, 3, D, dtype=x.dtype, device=x.device)
     meta = dict(CAUSAL=bool(causal), HDP=hdp, ZB=zb, ACC=acc_type(x.dtype),
-                PREC=dot_precision(x.dtype), IDX=index_type(qkv), num_warps=warps)
+                PREC=dot_precision(x.dtype), IDX=index_type(qkv), num_warps=warps,
+                num_stages=stages)
     grid = (tiles_a.nt, H)
     _attn_dq_kernel[grid](tiles_a.data, tiles_a.nt, qkv, 3 * D, ctx, dctx, D, lse, delta,
                           H, dqkv, D, H, BM=bm, BN=bn, **meta)
