@@ -130,9 +130,13 @@ def test_inference_skips_the_saved_activations(layout):
         torch.testing.assert_close(op.sliced_attention(*args), out)
 
 
-def test_inference_chunks_many_groups_over_threads():
+@pytest.mark.parametrize("core", ["auto", "own", "flash"])
+def test_inference_chunks_many_groups_over_threads(core, monkeypatch):
     # Enough equal-shape samples for several chunks per group, spread over
-    # two threads, with a scattered sample between the groups of one width.
+    # two threads, with a scattered sample between the groups of one width;
+    # the chunks' attention core chosen by thread count, or forced.
+    if core != "auto":
+        monkeypatch.setenv("CANET_CPU_FUSED_CORE", core)
     lengths = [50] * 20 + [3] + [50] * 9 + [33] * 12 + [7] * 30
     widths = [40] * 30 + [24] * 12 + [8] * 30
     args = [a.detach() if isinstance(a, torch.Tensor) else a
@@ -151,8 +155,10 @@ def test_inference_chunks_many_groups_over_threads():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("core", ["own", "flash"])
 @pytest.mark.parametrize("layout", [GROUPED, MIXED_RUN])
-def test_inference_bf16_within_the_16_bit_rule(layout):
+def test_inference_bf16_within_the_16_bit_rule(layout, core, monkeypatch):
+    monkeypatch.setenv("CANET_CPU_FUSED_CORE", core)
     args = [a.detach() if isinstance(a, torch.Tensor) else a for a in make_args(**layout)]
 
     def cast(dt):

@@ -9,9 +9,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <limits>
+#include <string>
 
 #include "common.h"
+#include "cpu/vec_math.h"
 
 namespace canet {
 namespace {
@@ -77,27 +80,6 @@ Checked check(const at::Tensor& x, const at::Tensor& cu_seqlens,
   return c;
 }
 
-// exp for x <= 0 that vectorizes: with head dims of 16-32 the softmax
-// exponentials cost as much as the matmuls, and std::exp does not vectorize.
-// Range reduction x = k ln2 + r, a degree-6 polynomial for e^r, 2^k from the
-// exponent bits; relative error ~1e-7. fp64 keeps std::exp (gradcheck).
-inline float exp_nonpos(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-inline double exp_nonpos(double x) { return std::exp(x); }
 
 constexpr int64_t kLane = 8;  // pad key and feature loops to whole vectors
 inline int64_t round_up(int64_t v) { return (v + kLane - 1) / kLane * kLane; }
@@ -191,71 +173,79 @@ struct Vec {
   static void store(T* p, type v) { std::memcpy(p, &v, sizeof(v)); }
 };
 
+// One (sample, head) forward: Q, K, V rows at `qkv` + row * qstride (K at
+// + k_off, V at + v_off columns), output rows at `ctx` + row * cstride, the
+// log-sum-exp at lse[row * H + head] unless lse is null.
+template <typename scalar_t, typename acc_t>
+void head_fwd(Head<acc_t>& h, const Task& task, const scalar_t* qkv, int64_t qstride,
+              int64_t k_off, int64_t v_off, scalar_t* ctx, int64_t cstride,
+              acc_t* lse, int64_t H, bool causal) {
+  using V = Vec<acc_t>;
+  using vec = typename V::type;
+  h.reset(task, false);
+  h.load(qkv, qstride, task, h.q);
+  h.load(qkv + k_off, qstride, task, h.k, &h.kt);
+  h.load(qkv + v_off, qstride, task, h.v);
+  const acc_t scale = acc_t(1) / std::sqrt(acc_t(h.hd));
+  const int64_t n = h.n, np = h.np, hp = h.hp, hd = h.hd;
+  acc_t* S = h.p.data();  // kRows x np scores, then probabilities
+  for (int64_t i0 = 0; i0 < n; i0 += kRows) {
+    const int64_t rows = std::min(kRows, n - i0);
+    // Keys the tile needs: up to the last row's causal limit.
+    const int64_t lim_blk = causal ? i0 + rows : n;
+    const int64_t le_blk = std::min(round_up(lim_blk), np);
+    for (int64_t j = 0; j < le_blk; j += V::kN) {
+      vec acc[kRows] = {};
+      for (int64_t c = 0; c < hd; ++c) {
+        const vec kv = V::load(&h.kt[c * np + j]);
+#pragma GCC unroll 4
+        for (int64_t r = 0; r < kRows; ++r) acc[r] += kv * h.q[(i0 + r) * hp + c];
+      }
+#pragma GCC unroll 4
+      for (int64_t r = 0; r < kRows; ++r) V::store(&S[r * np + j], acc[r] * scale);
+    }
+    acc_t inv[kRows];
+    for (int64_t r = 0; r < rows; ++r) {
+      acc_t* s = S + r * np;
+      const int64_t lim = causal ? i0 + r + 1 : n;
+      acc_t m = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t j = 0; j < lim; ++j) m = std::max(m, s[j]);
+      softmax_numerators(s, lim, le_blk, m);
+      acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < le_blk; ++j) sum += s[j];
+      inv[r] = acc_t(1) / sum;
+      if (lse) lse[(task.row0 + i0 + r) * H + task.head] = m + std::log(sum);
+    }
+    for (int64_t r = rows; r < kRows; ++r) {  // padding rows of the tile
+      std::fill(S + r * np, S + r * np + le_blk, acc_t(0));
+      inv[r] = 0;
+    }
+    for (int64_t c = 0; c < hp; c += V::kN) {
+      vec acc[kRows] = {};
+      for (int64_t j = 0; j < lim_blk; ++j) {
+        const vec vv = V::load(&h.v[j * hp + c]);
+#pragma GCC unroll 4
+        for (int64_t r = 0; r < kRows; ++r) acc[r] += vv * S[r * np + j];
+      }
+      for (int64_t r = 0; r < rows; ++r) V::store(&h.o[(i0 + r) * hp + c], acc[r] * inv[r]);
+    }
+  }
+  h.store(ctx, cstride, task, h.o);
+}
+
 template <typename scalar_t>
 void attention_fwd(const at::Tensor& qkv, at::Tensor& ctx, at::Tensor& lse,
                    const std::vector<Task>& tasks, int64_t H, bool causal) {
   using acc_t = at::opmath_type<scalar_t>;
-  using V = Vec<acc_t>;
-  using vec = typename V::type;
   const int64_t D = ctx.size(1);
   const scalar_t* pqkv = qkv.data_ptr<scalar_t>();
   scalar_t* pctx = ctx.data_ptr<scalar_t>();
   acc_t* plse = lse.data_ptr<acc_t>();
   at::parallel_for(0, tasks.size(), 1, [&](int64_t a, int64_t z) {
     Head<acc_t> h;
-    for (int64_t ti = a; ti < z; ++ti) {
-      const Task& task = tasks[ti];
-      h.reset(task, false);
-      h.load(pqkv, 3 * D, task, h.q);
-      h.load(pqkv + D, 3 * D, task, h.k, &h.kt);
-      h.load(pqkv + 2 * D, 3 * D, task, h.v);
-      const acc_t scale = acc_t(1) / std::sqrt(acc_t(h.hd));
-      const int64_t n = h.n, np = h.np, hp = h.hp, hd = h.hd;
-      acc_t* S = h.p.data();  // kRows x np scores, then probabilities
-      for (int64_t i0 = 0; i0 < n; i0 += kRows) {
-        const int64_t rows = std::min(kRows, n - i0);
-        // Keys the tile needs: up to the last row's causal limit.
-        const int64_t lim_blk = causal ? i0 + rows : n;
-        const int64_t le_blk = std::min(round_up(lim_blk), np);
-        for (int64_t j = 0; j < le_blk; j += V::kN) {
-          vec acc[kRows] = {};
-          for (int64_t c = 0; c < hd; ++c) {
-            const vec kv = V::load(&h.kt[c * np + j]);
-#pragma GCC unroll 4
-            for (int64_t r = 0; r < kRows; ++r) acc[r] += kv * h.q[(i0 + r) * hp + c];
-          }
-#pragma GCC unroll 4
-          for (int64_t r = 0; r < kRows; ++r) V::store(&S[r * np + j], acc[r] * scale);
-        }
-        acc_t inv[kRows];
-        for (int64_t r = 0; r < rows; ++r) {
-          acc_t* s = S + r * np;
-          const int64_t lim = causal ? i0 + r + 1 : n;
-          acc_t m = -std::numeric_limits<acc_t>::infinity();
-          for (int64_t j = 0; j < lim; ++j) m = std::max(m, s[j]);
-          softmax_numerators(s, lim, le_blk, m);
-          acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < le_blk; ++j) sum += s[j];
-          inv[r] = acc_t(1) / sum;
-          plse[(task.row0 + i0 + r) * H + task.head] = m + std::log(sum);
-        }
-        for (int64_t r = rows; r < kRows; ++r) {  // padding rows of the tile
-          std::fill(S + r * np, S + r * np + le_blk, acc_t(0));
-          inv[r] = 0;
-        }
-        for (int64_t c = 0; c < hp; c += V::kN) {
-          vec acc[kRows] = {};
-          for (int64_t j = 0; j < lim_blk; ++j) {
-            const vec vv = V::load(&h.v[j * hp + c]);
-#pragma GCC unroll 4
-            for (int64_t r = 0; r < kRows; ++r) acc[r] += vv * S[r * np + j];
-          }
-          for (int64_t r = 0; r < rows; ++r) V::store(&h.o[(i0 + r) * hp + c], acc[r] * inv[r]);
-        }
-      }
-      h.store(pctx, D, task, h.o);
-    }
+    for (int64_t ti = a; ti < z; ++ti)
+      head_fwd(h, tasks[ti], pqkv, 3 * D, D, 2 * D, pctx, D, plse, H, causal);
   });
 }
 
@@ -369,7 +359,7 @@ constexpr int64_t kMinFusedRows = 256;
 
 // Inference on the groups, the whole sublayer per chunk of a group's
 // samples: one GEMM for Q, K and V side by side into a per-thread buffer,
-// ATen's flash attention on views of it, the output projection straight
+// the attention core on views of it (see own_core below), the output projection straight
 // from the library's output into `out`. Nothing of size T x 3D goes through
 // memory (the CPU kernels are bandwidth-bound on 2 cores: the staged path
 // writes and rereads qkv[T, 3, D]), and chunks spread over the threads.
@@ -398,18 +388,46 @@ void fused_groups_fwd(const at::Tensor& x, const at::Tensor& w_qkv,
     b3[i] = b_qkv.slice(1, 0, w).reshape({3 * w});
   }
   const int64_t D = x.size(1);
-  auto run_chunk = [&](const Group& ch, at::Tensor& local) {
+  // The attention core of a chunk: ATen's flash attention is ~1.2x faster
+  // than the per-(sample, head) kernel on one thread, but two calls running
+  // in two threads slow each other ~1.5x (not so in two processes), so with
+  // more than one thread the chunks take the per-head kernel (256 x 50
+  // tokens, widths 64-128: 0.95 vs 1.06 x the FLOP ratio on 2 threads).
+  // CANET_CPU_FUSED_CORE=flash|own overrides, for measuring.
+  const bool own_core = [] {
+    const char* e = std::getenv("CANET_CPU_FUSED_CORE");
+    if (e && std::string(e) == "flash") return false;
+    if (e && std::string(e) == "own") return true;
+    return at::get_num_threads() > 1;
+  }();
+  auto run_chunk = [&](const Group& ch, at::Tensor& local, at::Tensor& local_ctx) {
     const int64_t w = ch.w, hd = w / H, rows = ch.count * ch.n;
     const size_t wi = std::find(widths.begin(), widths.end(), w) - widths.begin();
     auto qkv = local.view(-1).slice(0, 0, rows * 3 * w).view({rows, 3 * w});
     addmm_into(qkv, b3[wi], x.slice(0, ch.row0, ch.row0 + rows).slice(1, 0, w),
                w3[wi].t());
-    auto v5 = qkv.view({ch.count, ch.n, 3, H, hd});
-    auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(
-        v5.select(2, 0).transpose(1, 2), v5.select(2, 1).transpose(1, 2),
-        v5.select(2, 2).transpose(1, 2), 0.0, causal, std::nullopt,
-        1.0 / std::sqrt(double(hd)));
-    auto ctx = o.transpose(1, 2).reshape({rows, w});  // a view: [c, n, H, hd] memory
+    at::Tensor ctx;
+    if (own_core) {
+      ctx = local_ctx.view(-1).slice(0, 0, rows * w).view({rows, w});
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                      "sliced_attention_fused", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        Head<acc_t> h;
+        const scalar_t* q = qkv.data_ptr<scalar_t>();
+        scalar_t* o = ctx.data_ptr<scalar_t>();
+        for (int64_t s = 0; s < ch.count; ++s)
+          for (int64_t head = 0; head < H; ++head)
+            head_fwd<scalar_t, acc_t>(h, Task{s * ch.n, ch.n, head, hd}, q, 3 * w, w,
+                                      2 * w, o, w, nullptr, H, causal);
+      });
+    } else {
+      auto v5 = qkv.view({ch.count, ch.n, 3, H, hd});
+      auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(
+          v5.select(2, 0).transpose(1, 2), v5.select(2, 1).transpose(1, 2),
+          v5.select(2, 2).transpose(1, 2), 0.0, causal, std::nullopt,
+          1.0 / std::sqrt(double(hd)));
+      ctx = o.transpose(1, 2).reshape({rows, w});  // a view: [c, n, H, hd] memory
+    }
     addmm_into(out.slice(0, ch.row0, ch.row0 + rows).slice(1, 0, w),
                b_o.slice(0, 0, w), ctx, w_o.slice(0, 0, w).slice(1, 0, w).t());
   };
@@ -420,7 +438,9 @@ void fused_groups_fwd(const at::Tensor& x, const at::Tensor& w_qkv,
   });
   parallel_items(n, [&](const auto& take) {
     auto local = at::empty({max_rows * 3 * D}, x.options());
-    for (int64_t k = take(); k >= 0; k = take()) run_chunk(chunks[order[k]], local);
+    auto local_ctx = at::empty({max_rows * D}, x.options());
+    for (int64_t k = take(); k >= 0; k = take())
+      run_chunk(chunks[order[k]], local, local_ctx);
   });
 }
 
