@@ -70,7 +70,7 @@ step tune 150 "$PY" benchmarks/tune_triton.py --json "$OUT/tune.json" \
     --write-blocks "$OUT/blocks.json"
 BLOCKS=()
 if [ -s "$OUT/blocks.json" ]; then BLOCKS=(--blocks "$OUT/blocks.json"); fi
-step bench_triton 150 "$PY" benchmarks/bench_triton.py --profile "${BLOCKS[@]}" \
+step bench_triton 150 "$PY" benchmarks/bench_triton.py --profile ${BLOCKS[@]+"${BLOCKS[@]}"} \
     --json "$OUT/triton.json"
 step bench_suite 120 "$PY" -m benchmarks.run --device cuda --out "$OUT"
 

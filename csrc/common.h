@@ -162,6 +162,12 @@ namespace canet {
 // than two items per thread, or inside a parallel region already, one worker
 // takes every item and each item's own calls use every thread. A worker
 // allocates its scratch once, before its first take().
+// Whether parallel_items(n, ...) spreads its items over several threads.
+inline bool items_in_parallel(int64_t n) {
+  const int64_t threads = at::get_num_threads();
+  return threads > 1 && n >= 2 * threads && !at::in_parallel_region();
+}
+
 template <typename Worker>
 void parallel_items(int64_t n, const Worker& worker) {
   std::atomic<int64_t> next{0};
@@ -169,11 +175,11 @@ void parallel_items(int64_t n, const Worker& worker) {
     const int64_t i = next++;
     return i < n ? i : int64_t(-1);
   };
-  const int64_t threads = at::get_num_threads();
-  if (n < 2 * threads || at::in_parallel_region()) {
+  if (!items_in_parallel(n)) {
     worker(take);
     return;
   }
+  const int64_t threads = at::get_num_threads();
   const at::ThreadLocalState state;
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     at::ThreadLocalStateGuard guard(state);

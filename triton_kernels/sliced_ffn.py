@@ -183,7 +183,7 @@ def _blocks(x, D):
     cap = 16384 if x.dtype in HALF else 4096
     warps = b["warps"] if dp > 64 else min(b["warps"], 4)
     return (max(16, min(b["BM"], cap // dp)), b["BH"], b["BK"], dp, warps, b["stages"],
-            bool(b.get("XRES", False)) and dp <= 256)
+            bool(b.get("XRES", False)) and dp <= 128)  # measured up to D 128
 
 
 def _check(op, x, cu_seqlens, widths, w1, w2, ratio):

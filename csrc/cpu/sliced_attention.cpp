@@ -388,17 +388,19 @@ void fused_groups_fwd(const at::Tensor& x, const at::Tensor& w_qkv,
     b3[i] = b_qkv.slice(1, 0, w).reshape({3 * w});
   }
   const int64_t D = x.size(1);
+  const int64_t n = static_cast<int64_t>(chunks.size());
   // The attention core of a chunk: ATen's flash attention is ~1.2x faster
   // than the per-(sample, head) kernel on one thread, but two calls running
-  // in two threads slow each other ~1.5x (not so in two processes), so with
-  // more than one thread the chunks take the per-head kernel (256 x 50
-  // tokens, widths 64-128: 0.95 vs 1.06 x the FLOP ratio on 2 threads).
+  // in two threads slow each other ~1.5x (not so in two processes), so when
+  // the chunks spread over threads they take the per-head kernel (256 x 50
+  // tokens, widths 64-128: 0.95 vs 1.06 x the FLOP ratio on 2 threads); run
+  // one after another, each flash call uses every thread itself.
   // CANET_CPU_FUSED_CORE=flash|own overrides, for measuring.
-  const bool own_core = [] {
+  const bool own_core = [n] {
     const char* e = std::getenv("CANET_CPU_FUSED_CORE");
     if (e && std::string(e) == "flash") return false;
     if (e && std::string(e) == "own") return true;
-    return at::get_num_threads() > 1;
+    return items_in_parallel(n);
   }();
   auto run_chunk = [&](const Group& ch, at::Tensor& local, at::Tensor& local_ctx) {
     const int64_t w = ch.w, hd = w / H, rows = ch.count * ch.n;
@@ -431,7 +433,6 @@ void fused_groups_fwd(const at::Tensor& x, const at::Tensor& w_qkv,
     addmm_into(out.slice(0, ch.row0, ch.row0 + rows).slice(1, 0, w),
                b_o.slice(0, 0, w), ctx, w_o.slice(0, 0, w).slice(1, 0, w).t());
   };
-  const int64_t n = static_cast<int64_t>(chunks.size());
   const auto order = largest_first(n, [&](int64_t i) {
     const Group& c = chunks[i];
     return c.count * c.n * c.w * (c.n + 12 * c.w);

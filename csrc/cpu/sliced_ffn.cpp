@@ -42,8 +42,10 @@ void bias_gelu(at::Tensor& h, const at::Tensor& bias, at::Tensor& a) {
   scalar_t* ph = h.data_ptr<scalar_t>();
   scalar_t* pa = a.data_ptr<scalar_t>();
   const scalar_t* pb = bias.data_ptr<scalar_t>();
+  // rows over the threads when the caller runs serially (a few tiles)
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
   std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : cols);
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = r0; r < r1; ++r) {
     scalar_t* hr = ph + r * hs;
     scalar_t* ar = pa + r * as;
     if constexpr (std::is_same_v<scalar_t, double>) {
@@ -60,6 +62,7 @@ void bias_gelu(at::Tensor& h, const at::Tensor& bias, at::Tensor& a) {
       for (int64_t j = 0; j < cols; ++j) ar[j] = scalar_t(buf[j]);
     }
   }
+  });
 }
 
 // Rows per forward tile. Measured on 2 cores (256 x 50 tokens, widths

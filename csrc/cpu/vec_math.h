@@ -35,16 +35,18 @@ inline double exp_nonpos(double x) { return std::exp(x); }
 // types: the auto-vectorizer gives up on this body). x * Phi(x) with Phi(x)
 // = 1 - erfc(z) / 2 for x >= 0 and erfc(z) / 2 below, z = |x| / sqrt(2),
 // erfc(z) = t P(t) exp(-z^2), t = 1 / (1 + p z) (Abramowitz & Stegun
-// 7.1.26, absolute error <= 1.5e-7); exp(-z^2) as in exp_nonpos. ATen's
+// 7.1.26, absolute error <= 1.5e-7); exp(-z^2) as in exp_nonpos (its
+// round-to-nearest trick needs IEEE arithmetic: no -ffast-math). ATen's
 // GELU took ~1.2 ns per element here, the FFN's largest cost after its
 // GEMMs.
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 
 inline f32x8 gelu_erf(f32x8 x) {
-  const i32x8 sign = reinterpret_cast<i32x8&>(x) & i32x8{} + INT32_MIN;
-  const i32x8 mag_bits = reinterpret_cast<i32x8&>(x) & i32x8{} + INT32_MAX;
-  f32x8 z = reinterpret_cast<const f32x8&>(mag_bits) * 0.70710678118654752f;
+  // casts between vector types of one size keep the bits (GCC, clang)
+  const i32x8 bits = (i32x8)x;
+  const i32x8 sign = bits & INT32_MIN;
+  f32x8 z = (f32x8)(bits & INT32_MAX) * 0.70710678118654752f;
   z = z < 9.0f ? z : f32x8{} + 9.0f;  // erfc(9) ~ 4e-37: exp below stays normal
   const f32x8 t = 1.0f / (1.0f + 0.3275911f * z);
   f32x8 p = 1.061405429f * t - 1.453152027f;
@@ -61,11 +63,9 @@ inline f32x8 gelu_erf(f32x8 x) {
   e = e * r + 5.0000001201e-1f;
   e = e * r * r + r + 1.0f;
   const i32x8 pow2 = (__builtin_convertvector(k, i32x8) + 127) << 23;
-  const f32x8 half_erfc = 0.5f * p * t * e * reinterpret_cast<const f32x8&>(pow2);
+  const f32x8 half_erfc = 0.5f * p * t * e * (f32x8)pow2;
   // Phi = 0.5 + copysign(0.5 - half_erfc, x)
-  f32x8 d = 0.5f - half_erfc;
-  const i32x8 d_bits = reinterpret_cast<i32x8&>(d) | sign;
-  return x * (0.5f + reinterpret_cast<const f32x8&>(d_bits));
+  return x * (0.5f + (f32x8)((i32x8)(0.5f - half_erfc) | sign));
 }
 
 inline float gelu_erf(float x) {
