@@ -365,3 +365,37 @@ def test_tune_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     import json
     assert set(json.loads(best.read_text())) == {"ffn/full", "mm/full", "attn/full"}
+
+
+def test_gpu_tile_shapes(monkeypatch):
+    # The GPU tile table (bf16 entries: x-resident 128-row FFN tiles, 128-wide
+    # GEMM columns, ...) run by the interpreter in fp32: tile-size-dependent
+    # paths (narrow-tile half accumulators, masks at real block sizes) checked
+    # against the reference, forward and FFN backward.
+    from canet_kernels.triton import _common
+    monkeypatch.setattr(_common, "small_blocks", lambda t: False)
+    for kind in ("ffn", "mm", "attn", "dw"):
+        monkeypatch.setitem(_common.BLOCKS, (kind, "full"), _common.BLOCKS[(kind, "half")])
+    D, f32 = 128, torch.float32
+    cu, widths = routes([130, 1, 0, 77, 13], [64, 64, 40, 96, 128])
+    T = int(cu[-1])
+    x = garbage(rand(T, D, dtype=f32, seed=1), cu, widths)
+    w1 = rand(R * D, D, dtype=f32, scale=D ** -0.5, seed=2)
+    b1 = rand(R * D, dtype=f32, scale=0.1, seed=3)
+    w2 = rand(D, R * D, dtype=f32, scale=(R * D) ** -0.5, seed=4)
+    b2 = rand(D, dtype=f32, scale=0.1, seed=5)
+    dy = garbage(rand(T, D, dtype=f32, seed=6), cu, widths)
+    want, grads = ref_grads(lambda *a: reference.sliced_ffn(a[0], cu, widths, *a[1:], R),
+                            [torch.nan_to_num(x), w1, b1, w2, b2], torch.nan_to_num(dy))
+    out, hidden = kt.sliced_ffn_fwd(x, cu, widths, w1, b1, w2, b2, R)
+    close("out", out, want, f32)
+    got = kt.sliced_ffn_backward(dy, x, cu, widths, w1, w2, hidden, R)
+    for name, g, w in zip(["grad_x", "grad_w1", "grad_b1", "grad_w2", "grad_b2"], got, grads):
+        close(name, g, w, f32)
+    wq = rand(3, D, D, dtype=f32, scale=D ** -0.5, seed=7)
+    bq = rand(3, D, dtype=f32, scale=0.1, seed=8)
+    wo = rand(D, D, dtype=f32, scale=D ** -0.5, seed=9)
+    bo = rand(D, dtype=f32, scale=0.1, seed=10)
+    out = kt.sliced_attention_fwd(x, cu, widths, wq, bq, wo, bo, H, True, False)[0]
+    want = reference.sliced_attention(torch.nan_to_num(x), cu, widths, wq, bq, wo, bo, H, True)
+    close("attention", out, want, f32)
