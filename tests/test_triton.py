@@ -147,6 +147,26 @@ def test_linear(dtype, has_bias):
 
 # -------------------------------------------------------------------- ffn --
 
+def check_ffn(cu, widths, d, dtype):
+    """FFN launchers at model width d, forward and every gradient, against the
+    reference; returns the inputs, the reference output and the saved hidden."""
+    T = int(cu[-1])
+    x = garbage(rand(T, d, dtype=dtype, seed=1), cu, widths)
+    w1 = rand(R * d, d, dtype=dtype, scale=d ** -0.5, seed=2)
+    b1 = rand(R * d, dtype=dtype, scale=0.1, seed=3)
+    w2 = rand(d, R * d, dtype=dtype, scale=(R * d) ** -0.5, seed=4)
+    b2 = rand(d, dtype=dtype, scale=0.1, seed=5)
+    dy = garbage(rand(T, d, dtype=dtype, seed=6), cu, widths)
+    want, grads = ref_grads(lambda *a: reference.sliced_ffn(a[0], cu, widths, *a[1:], R),
+                            [torch.nan_to_num(x), w1, b1, w2, b2], torch.nan_to_num(dy))
+    out, hidden = kt.sliced_ffn_fwd(x, cu, widths, w1, b1, w2, b2, R)
+    close("out", out, want, dtype)
+    got = kt.sliced_ffn_backward(dy, x, cu, widths, w1, w2, hidden, R)
+    for name, g, w in zip(["grad_x", "grad_w1", "grad_b1", "grad_w2", "grad_b2"], got, grads):
+        close(name, g, w, dtype)
+    return (x, w1, b1, w2, b2), want, hidden
+
+
 @pytest.mark.parametrize("dtype,xres", [(torch.float32, False), (torch.float64, False),
                                         (torch.float32, True)],
                          ids=["fp32", "fp64", "fp32-x-resident"])
@@ -155,25 +175,12 @@ def test_ffn(dtype, xres, monkeypatch):
     from canet_kernels.triton import _common
     monkeypatch.setattr(_common, "INTERPRETER_FFN_XRES", xres)
     cu, widths = routes()
-    T = int(cu[-1])
-    x = garbage(rand(T, D, dtype=dtype, seed=1), cu, widths)
-    w1 = rand(R * D, D, dtype=dtype, scale=D ** -0.5, seed=2)
-    b1 = rand(R * D, dtype=dtype, scale=0.1, seed=3)
-    w2 = rand(D, R * D, dtype=dtype, scale=(R * D) ** -0.5, seed=4)
-    b2 = rand(D, dtype=dtype, scale=0.1, seed=5)
-    dy = garbage(rand(T, D, dtype=dtype, seed=6), cu, widths)
-    want, grads = ref_grads(lambda *a: reference.sliced_ffn(a[0], cu, widths, *a[1:], R),
-                            [torch.nan_to_num(x), w1, b1, w2, b2], torch.nan_to_num(dy))
-    out, hidden = kt.sliced_ffn_fwd(x, cu, widths, w1, b1, w2, b2, R)
-    close("out", out, want, dtype)
-    want_h = torch.zeros(T, R * D, dtype=dtype)
+    (x, w1, b1, w2, b2), want, hidden = check_ffn(cu, widths, D, dtype)
+    want_h = torch.zeros(int(cu[-1]), R * D, dtype=dtype)
     for b in range(len(LENGTHS)):
         s, e, w = int(cu[b]), int(cu[b + 1]), WIDTHS[b]
         want_h[s:e, :R * w] = x[s:e, :w] @ w1[:R * w, :w].T + b1[:R * w]
     close("hidden", hidden, want_h, dtype)
-    got = kt.sliced_ffn_backward(dy, x, cu, widths, w1, w2, hidden, R)
-    for name, g, w in zip(["grad_x", "grad_w1", "grad_b1", "grad_w2", "grad_b2"], got, grads):
-        close(name, g, w, dtype)
     # inference: same output, nothing saved
     out2, hidden2 = kt.sliced_ffn_fwd(x, cu, widths, w1, b1, w2, b2, R, save_hidden=False)
     assert hidden2.shape == (0, R * D)
@@ -378,20 +385,7 @@ def test_gpu_tile_shapes(monkeypatch):
         monkeypatch.setitem(_common.BLOCKS, (kind, "full"), _common.BLOCKS[(kind, "half")])
     D, f32 = 128, torch.float32
     cu, widths = routes([130, 1, 0, 77, 13], [64, 64, 40, 96, 128])
-    T = int(cu[-1])
-    x = garbage(rand(T, D, dtype=f32, seed=1), cu, widths)
-    w1 = rand(R * D, D, dtype=f32, scale=D ** -0.5, seed=2)
-    b1 = rand(R * D, dtype=f32, scale=0.1, seed=3)
-    w2 = rand(D, R * D, dtype=f32, scale=(R * D) ** -0.5, seed=4)
-    b2 = rand(D, dtype=f32, scale=0.1, seed=5)
-    dy = garbage(rand(T, D, dtype=f32, seed=6), cu, widths)
-    want, grads = ref_grads(lambda *a: reference.sliced_ffn(a[0], cu, widths, *a[1:], R),
-                            [torch.nan_to_num(x), w1, b1, w2, b2], torch.nan_to_num(dy))
-    out, hidden = kt.sliced_ffn_fwd(x, cu, widths, w1, b1, w2, b2, R)
-    close("out", out, want, f32)
-    got = kt.sliced_ffn_backward(dy, x, cu, widths, w1, w2, hidden, R)
-    for name, g, w in zip(["grad_x", "grad_w1", "grad_b1", "grad_w2", "grad_b2"], got, grads):
-        close(name, g, w, f32)
+    (x, *_), _, _ = check_ffn(cu, widths, D, f32)
     wq = rand(3, D, D, dtype=f32, scale=D ** -0.5, seed=7)
     bq = rand(3, D, dtype=f32, scale=0.1, seed=8)
     wo = rand(D, D, dtype=f32, scale=D ** -0.5, seed=9)
