@@ -151,9 +151,11 @@ inline void addmm_into(at::Tensor out, const at::Tensor& bias,
   at::addmm_out(out, bias, a, b);
 }
 
-}  // namespace canet
-
-namespace canet {
+// Whether parallel_items(n, ...) spreads its items over several threads.
+inline bool items_in_parallel(int64_t n) {
+  const int64_t threads = at::get_num_threads();
+  return threads > 1 && n >= 2 * threads && !at::in_parallel_region();
+}
 
 // Runs `worker(take)` on every thread; `take()` hands out the item indices
 // 0 .. n-1 one at a time and then -1, so items of uneven cost balance. The
@@ -162,12 +164,6 @@ namespace canet {
 // than two items per thread, or inside a parallel region already, one worker
 // takes every item and each item's own calls use every thread. A worker
 // allocates its scratch once, before its first take().
-// Whether parallel_items(n, ...) spreads its items over several threads.
-inline bool items_in_parallel(int64_t n) {
-  const int64_t threads = at::get_num_threads();
-  return threads > 1 && n >= 2 * threads && !at::in_parallel_region();
-}
-
 template <typename Worker>
 void parallel_items(int64_t n, const Worker& worker) {
   std::atomic<int64_t> next{0};

@@ -44,24 +44,24 @@ void bias_gelu(at::Tensor& h, const at::Tensor& bias, at::Tensor& a) {
   const scalar_t* pb = bias.data_ptr<scalar_t>();
   // rows over the threads when the caller runs serially (a few tiles)
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-  std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : cols);
-  for (int64_t r = r0; r < r1; ++r) {
-    scalar_t* hr = ph + r * hs;
-    scalar_t* ar = pa + r * as;
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      for (int64_t j = 0; j < cols; ++j) ar[j] = gelu_erf(hr[j] += pb[j]);
-    } else if constexpr (std::is_same_v<scalar_t, float>) {
-      for (int64_t j = 0; j < cols; ++j) hr[j] += pb[j];
-      gelu_erf(hr, ar, cols);
-    } else {  // 16-bit: GELU of the stored (rounded) pre-activation, in fp32
-      for (int64_t j = 0; j < cols; ++j) {
-        hr[j] = scalar_t(float(hr[j]) + float(pb[j]));
-        buf[j] = float(hr[j]);
+    std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : cols);
+    for (int64_t r = r0; r < r1; ++r) {
+      scalar_t* hr = ph + r * hs;
+      scalar_t* ar = pa + r * as;
+      if constexpr (std::is_same_v<scalar_t, double>) {
+        for (int64_t j = 0; j < cols; ++j) ar[j] = gelu_erf(hr[j] += pb[j]);
+      } else if constexpr (std::is_same_v<scalar_t, float>) {
+        for (int64_t j = 0; j < cols; ++j) hr[j] += pb[j];
+        gelu_erf(hr, ar, cols);
+      } else {  // 16-bit: GELU of the stored (rounded) pre-activation, in fp32
+        for (int64_t j = 0; j < cols; ++j) {
+          hr[j] = scalar_t(float(hr[j]) + float(pb[j]));
+          buf[j] = float(hr[j]);
+        }
+        gelu_erf(buf.data(), buf.data(), cols);
+        for (int64_t j = 0; j < cols; ++j) ar[j] = scalar_t(buf[j]);
       }
-      gelu_erf(buf.data(), buf.data(), cols);
-      for (int64_t j = 0; j < cols; ++j) ar[j] = scalar_t(buf[j]);
     }
-  }
   });
 }
 
