@@ -78,14 +78,25 @@ def plan_routes(lengths, widths, depths, emb_widths=None, num_layers=None):
                      emb_widths[order], active_samples, active_tokens)
 
 
+def token_index(lengths, L, left_padded=False, order=None):
+    """Flat indices into a padded [B * L] batch of the real tokens, in packed
+    order: samples in `order` (default 0..B-1), each sample's tokens in
+    sequence order. The one place that knows where padding sits."""
+    B = lengths.shape[0]
+    if order is None:
+        order = torch.arange(B, device=lengths.device)
+    pos = torch.arange(L, device=lengths.device)
+    lens = lengths[order].to(pos.dtype)[:, None]
+    keep = pos[None, :] >= (L - lens) if left_padded else pos[None, :] < lens
+    flat = order.to(pos.dtype)[:, None] * L + pos[None, :]
+    return flat[keep]
+
+
 def gather_tokens(items, lengths, plan, left_padded=False):
-    """Padded [B, L] (caller's order) -> packed [T] in plan order."""
-    B, L = items.shape
-    pos = torch.arange(L, device=items.device).expand(B, L)
-    lens = lengths.to(pos.dtype)[:, None]
-    keep = pos >= (L - lens) if left_padded else pos < lens
-    rows = items[plan.order][keep[plan.order]]
-    return rows
+    """Padded [B, L, ...] (caller's order) -> packed [T, ...] in plan order."""
+    B, L = items.shape[:2]
+    idx = token_index(lengths, L, left_padded, plan.order)
+    return items.reshape(B * L, *items.shape[2:])[idx]
 
 
 def run_layers(plan, x, layers, layer_fn):
@@ -101,6 +112,15 @@ def run_layers(plan, x, layers, layer_fn):
             finished.append(x[t:])
         x = layer_fn(layer, *plan.layer(l, x))
     return merge_layers(x, finished)
+
+
+def run_masked_layers(h, depths, layers, layer_fn):
+    """Depth routing in the masked formulation: every layer runs on every
+    sample at full size, `layer_fn(layer, h) -> h`; samples past their depth
+    keep their state."""
+    for l, layer in enumerate(layers):
+        h = torch.where((depths > l)[:, None, None], layer_fn(layer, h), h)
+    return h
 
 
 def merge_layers(final, finished):

@@ -128,24 +128,21 @@ def evaluate(model: CANet, es: EvalSet, ks=(10, 20), mask_seen=False,
     return res
 
 
-@torch.no_grad()
+def eval_batches(es: EvalSet, batch_size=256):
+    """(items, lengths) batches of every user of `es`, in order."""
+    return (_batch(es, idx) for idx in batches(len(es), batch_size))
+
+
 def router_logits(model: CANet, es: EvalSet, batch_size=256):
     """Router logits [U, R] of every user of `es` (eval mode)."""
-    was_training = model.training
-    model.eval()
-    out = [model.router(*_batch(es, idx)) for idx in batches(len(es), batch_size)]
-    model.train(was_training)
-    return torch.cat(out)
+    return model.router_logits(eval_batches(es, batch_size))
 
 
 def calibrate(model: CANet, es: EvalSet, batch_size=256, spend: bool = False):
     """Sets the inference cost bias on `es` (validation users) so the mean
     FLOP ratio of the routes meets model.cfg.flop_target (with `spend`: comes
     up to it from below too). Returns the bias."""
-    if model.cfg.flop_target is None:
-        return float(model.cost_bias)
-    return model.calibrate_cost_bias(router_logits(model, es, batch_size),
-                                     model.cfg.flop_target, spend=spend)
+    return model.calibrate(eval_batches(es, batch_size), spend=spend)
 
 
 def sandwich_routes(cfg: CANetConfig, n: int, gen: torch.Generator):

@@ -9,7 +9,7 @@ import torch
 
 import canet_kernels  # noqa: F401  registers the ops
 from canet_kernels import _library, functional, reference
-from canet_kernels.model import CANet, CANetConfig, supernet
+from canet_kernels.model import CANet, CANetConfig, encoder
 
 KERNELS = all(_library.has_kernel(op, "CPU") for op in (
     "sliced_linear", "sliced_attention_fwd", "sliced_ffn_fwd", "sliced_add_layernorm_fwd"))
@@ -23,14 +23,14 @@ def ops_backend(monkeypatch):
     """The routed path runs the compiled CPU ops; the plain-PyTorch
     references stand in only where the library lacks a CPU kernel."""
     if not KERNELS:
-        monkeypatch.setattr(supernet, "ops", reference)
+        monkeypatch.setattr(encoder, "ops", reference)
     yield
 
 
 def test_routed_path_runs_the_compiled_ops():
     if not KERNELS:
         pytest.skip("canet has no CPU kernel for every op yet")
-    assert supernet.ops is functional
+    assert encoder.ops is functional
 
 
 def tiny_cfg(**kw):
@@ -248,18 +248,18 @@ def test_uniform_and_guide_losses():
     m = model(cfg)
     R = cfg.num_routes
     uniform = torch.full((4, R), 1.0 / R, dtype=torch.float64)
-    assert m.uniform_loss(uniform).abs() < 1e-12
+    assert encoder.uniform_loss(uniform).abs() < 1e-12
     peaked = torch.zeros(4, R, dtype=torch.float64)
     peaked[:, 0] = 1
-    assert m.uniform_loss(peaked) == pytest.approx(math.log(R))
+    assert encoder.uniform_loss(peaked) == pytest.approx(math.log(R))
     # guide: a hit is cheaper for a router that prefers the smallest route
     small = torch.full((1, R), 1e-6, dtype=torch.float64)
     small[0, 0] = 1
     small = small / small.sum()
     big = small.flip(-1)
     hit, miss = torch.tensor([True]), torch.tensor([False])
-    assert m.guide_loss(small, hit) < m.guide_loss(big, hit)
-    assert m.guide_loss(big, miss) < m.guide_loss(small, miss)
+    assert encoder.guide_loss(cfg, small, hit) < encoder.guide_loss(cfg, big, hit)
+    assert encoder.guide_loss(cfg, big, miss) < encoder.guide_loss(cfg, small, miss)
 
 
 def test_budget_penalty_pulls_flops_down():

@@ -21,6 +21,9 @@ class CANetConfig:
     # the identity, so deep routes train (without it the 8-layer model stalls
     # at the popularity loss on Beauty); None or <= 0 = plain post-LN
     residual_scale_init: float | None = 1e-8
+    # score items against the input item table (its first d features at
+    # hidden width d) instead of a separate output layer; needs E >= D
+    tie_embeddings: bool = False
     # router: a 1-layer transformer over the sequence
     router_width: int = 32
     router_heads: int = 4
@@ -46,6 +49,8 @@ class CANetConfig:
             if d % self.num_heads:
                 raise ValueError(f"hidden width {d} is not divisible by "
                                  f"num_heads={self.num_heads}")
+        if self.tie_embeddings and self.E < self.D:
+            raise ValueError("tie_embeddings needs max(emb_widths) >= max(hidden_widths)")
         if self.router_width % self.router_heads:
             raise ValueError("router_width must be divisible by router_heads")
         if min(self.depths) < 1:

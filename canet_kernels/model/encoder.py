@@ -1,0 +1,568 @@
+"""The module layer: a routed SASRec layer, the routed encoder (the
+weight-sliced supernet without an output layer), its dense max-size variant,
+and the CANet encoder (router + routed encoder).
+
+    op (torch.ops.canet.*) -> functional (canet_kernels.functional)
+        -> modules (RoutedLayer, RoutedEncoder, DenseEncoder, CANetEncoder)
+
+Encoders take a padded batch in the caller's layout (item ids [B, L] or
+embeddings [B, L, E]; right or left padding, given by lengths, a padding mask
+or the padding id 0) and return per-position hidden states [B, L, D] in that
+same layout, zeros at padding and beyond each route's hidden width, the last
+real position's state [B, D], and the routes used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import functional
+from ..routing import gather_tokens, plan_routes, run_layers, run_masked_layers
+from .config import CANetConfig
+from .router import Router
+
+# The op implementations the routed path calls; tests may swap in
+# canet_kernels.reference (same signatures, plain PyTorch).
+ops = functional
+
+
+def _init_(w):
+    nn.init.trunc_normal_(w, std=0.02, a=-0.04, b=0.04)
+
+
+class RoutedLayer(nn.Module):
+    """One post-LN transformer layer whose weights are at the maximal width
+    `dim`; each sample runs on the leading blocks at its own width.
+
+    forward(x [T, dim] packed, cu_seqlens [B + 1], widths [B]) -> [T, dim],
+    zero beyond each sample's width. `masked(h [B, L, dim], ctx)` is the same
+    layer in the paper's masked formulation (parity checks)."""
+
+    def __init__(self, dim: int, num_heads: int = 4, ffn_ratio: int = 4,
+                 dropout: float = 0.0, ln_eps: float = 1e-5,
+                 residual_scale_init: float | None = 1e-8):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.ffn_ratio = num_heads, ffn_ratio
+        self.dropout, self.ln_eps = dropout, ln_eps
+        D = dim
+        # [attention, FFN] output scales; None = plain post-LN
+        self.res_scale = (None if residual_scale_init is None else
+                          nn.Parameter(torch.full((2,), float(residual_scale_init))))
+        self.w_qkv = nn.Parameter(torch.empty(3, D, D))      # [3, out, in]
+        self.b_qkv = nn.Parameter(torch.zeros(3, D))
+        self.w_o = nn.Parameter(torch.empty(D, D))
+        self.b_o = nn.Parameter(torch.zeros(D))
+        self.ln1_w = nn.Parameter(torch.ones(D))
+        self.ln1_b = nn.Parameter(torch.zeros(D))
+        self.w1 = nn.Parameter(torch.empty(ffn_ratio * D, D))
+        self.b1 = nn.Parameter(torch.zeros(ffn_ratio * D))
+        self.w2 = nn.Parameter(torch.empty(D, ffn_ratio * D))
+        self.b2 = nn.Parameter(torch.zeros(D))
+        self.ln2_w = nn.Parameter(torch.ones(D))
+        self.ln2_b = nn.Parameter(torch.zeros(D))
+        for w in (self.w_qkv, self.w_o, self.w1, self.w2):
+            _init_(w)
+
+    def params(self) -> dict:
+        return {n: getattr(self, n) for n in functional.LAYER_PARAMS}
+
+    def forward(self, x, cu_seqlens, widths, dropout: bool = True):
+        return functional.routed_layer(
+            x, cu_seqlens, widths, self.params(), self.num_heads, self.ffn_ratio,
+            self.ln_eps, self.res_scale, self.dropout if dropout else 0.0,
+            self.training, ops=ops)
+
+    def masked(self, h, ctx: functional.MaskedContext, dropout: bool = True):
+        return functional.masked_layer(h, self.params(), ctx, self.ln_eps, self.res_scale,
+                                       self.dropout if dropout else 0.0, self.training)
+
+
+class Routes(NamedTuple):
+    """Per-sample route [B] tensors: embedding width, hidden width, depth."""
+    emb: torch.Tensor
+    hidden: torch.Tensor
+    depth: torch.Tensor
+
+
+@dataclass
+class Routing:
+    routes: torch.Tensor              # [B] route ids
+    gate: torch.Tensor | None         # [B] straight-through weight (1 in forward)
+    logits: torch.Tensor | None       # [B, R] router logits
+
+
+@dataclass
+class EncoderOutput:
+    hidden: torch.Tensor                  # [B, L, D] caller's layout
+    last: torch.Tensor                    # [B, D] last real position
+    routes: Routes                        # the widths and depths used
+    route_ids: torch.Tensor | None        # [B] ids into cfg.routes(), when known
+    logits: torch.Tensor | None = None    # [B, R] router logits (CANetEncoder)
+    gate: torch.Tensor | None = None      # [B] straight-through weight (training)
+
+
+# ----------------------------------------------------------- input layout --
+
+def _padding_side(valid):
+    """'right' or 'left' from a [B, L] real-token mask; error otherwise."""
+    n = valid.sum(1, keepdim=True)
+    pos = torch.arange(valid.shape[1], device=valid.device)[None]
+    if bool((valid == (pos < n)).all()):
+        return False
+    if bool((valid == (pos >= valid.shape[1] - n)).all()):
+        return True
+    raise ValueError("padding must be contiguous at one end of every row (all right "
+                     "or all left padded); got real tokens on both sides of padding")
+
+
+def _shift(x, lengths, left_to_right: bool):
+    """Moves each row's real tokens between left and right padding."""
+    B, L = x.shape[:2]
+    pos = torch.arange(L, device=x.device)[None]
+    off = (L - lengths.to(pos.dtype))[:, None]
+    idx = (pos + off) % L if left_to_right else (pos - off) % L
+    idx = idx.view(B, L, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(1, idx)
+
+
+class RoutedEncoder(nn.Module):
+    """The weight-sliced SASRec supernet without an output layer.
+
+    RoutedEncoder(cfg) or RoutedEncoder(n_items=..., **CANetConfig fields).
+    Route (e, d, k) embeds items at width e (the leading e features of the
+    item and position tables), projects to hidden width d with W_p[:d, :e]
+    and runs the first k layers at width d."""
+
+    def __init__(self, cfg: CANetConfig | None = None, **kwargs):
+        super().__init__()
+        if cfg is None:
+            cfg = CANetConfig(**kwargs)
+        elif kwargs:
+            raise TypeError("pass either a CANetConfig or its fields, not both")
+        self.cfg = cfg
+        E, D = cfg.E, cfg.D
+        self.item_emb = nn.Embedding(cfg.n_items + 1, E, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_len, E)
+        self.w_p = nn.Parameter(torch.empty(D, E))
+        self.b_p = nn.Parameter(torch.zeros(D))
+        self.layers = nn.ModuleList(
+            RoutedLayer(D, cfg.num_heads, cfg.ffn_ratio, cfg.dropout, cfg.ln_eps,
+                        cfg.residual_scale_init) for _ in range(cfg.L))
+        for w in (self.item_emb.weight, self.pos_emb.weight, self.w_p):
+            _init_(w)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        table = torch.tensor(cfg.routes(), dtype=torch.int64)            # [R, 3]
+        self.register_buffer("route_table", table, persistent=False)
+
+    # ------------------------------------------------------------- inputs --
+    def layout(self, items=None, lengths=None, padding_mask=None, left_padded=None,
+               embeddings=None):
+        """Checks a batch and returns (x, lengths [B] int64, left_padded):
+        x is the ids [B, L] or the embeddings [B, L, E] as given."""
+        cfg = self.cfg
+        if (items is None) == (embeddings is None):
+            raise ValueError("pass exactly one of items (ids [B, L]) and embeddings "
+                             "([B, L, E])")
+        if items is not None:
+            x = items
+            if not torch.is_tensor(items) or items.dim() != 2:
+                raise ValueError("items must be a [B, L] tensor of item ids, got "
+                                 f"{_describe(items)}; pass embeddings= for [B, L, E]")
+            if items.is_floating_point() or items.dtype == torch.bool:
+                raise ValueError(f"items must be integer item ids, got {items.dtype}; "
+                                 "pass embeddings= for [B, L, E] inputs")
+            if items.numel() and (int(items.min()) < 0 or int(items.max()) > cfg.n_items):
+                raise ValueError(f"items: ids must lie in [0, {cfg.n_items}] (0 = padding), "
+                                 f"got [{int(items.min())}, {int(items.max())}]")
+        else:
+            x = embeddings
+            if not torch.is_tensor(x) or x.dim() != 3 or not x.is_floating_point():
+                raise ValueError("embeddings must be a float [B, L, E] tensor, got "
+                                 f"{_describe(x)}")
+            if x.shape[2] != cfg.E:
+                raise ValueError(f"embeddings: last dim must be E = {cfg.E}, got {x.shape[2]}")
+        B, L = x.shape[:2]
+        if L > cfg.max_len:
+            raise ValueError(f"sequences of {L} positions exceed max_len {cfg.max_len}; "
+                             "keep the last max_len items")
+        if lengths is not None and padding_mask is not None:
+            raise ValueError("pass lengths or padding_mask, not both")
+        if padding_mask is not None:
+            if padding_mask.shape != (B, L) or padding_mask.dtype != torch.bool:
+                raise ValueError(f"padding_mask must be bool [{B}, {L}] (True = padding), "
+                                 f"got {padding_mask.dtype} {tuple(padding_mask.shape)}")
+            valid = ~padding_mask
+        elif lengths is None:
+            if items is None:
+                raise ValueError("embeddings need lengths or a padding_mask")
+            valid = items != 0
+        if lengths is None:
+            side = _padding_side(valid)
+            if left_padded is not None and left_padded != side and not bool(valid.all()):
+                raise ValueError(f"left_padded={left_padded} but the padding is on the "
+                                 f"{'left' if side else 'right'}")
+            left_padded = side
+            lengths = valid.sum(1)
+        else:
+            if not torch.is_tensor(lengths) or lengths.shape != (B,):
+                raise ValueError(f"lengths must be a [{B}] tensor, got {_describe(lengths)}")
+            if lengths.is_floating_point():
+                raise ValueError(f"lengths must be integers, got {lengths.dtype}")
+            left_padded = bool(left_padded)
+        lengths = lengths.to(torch.int64)
+        if B and (int(lengths.min()) < 1 or int(lengths.max()) > L):
+            raise ValueError(f"lengths must lie in [1, {L}], got "
+                             f"[{int(lengths.min())}, {int(lengths.max())}]")
+        if items is not None and B:
+            pos = torch.arange(L, device=items.device)[None]
+            n = lengths[:, None]
+            real = pos >= L - n if left_padded else pos < n
+            if bool((items.eq(0) & real).any()):
+                b = int((items.eq(0) & real).any(1).nonzero()[0])
+                raise ValueError(
+                    f"items[{b}] has the padding id 0 inside its first lengths[{b}] = "
+                    f"{int(lengths[b])} positions" + ("" if left_padded else
+                                                      "; left-padded input needs left_padded=True"))
+        return x, lengths, left_padded
+
+    def resolve_routes(self, routes, B, device):
+        """(Routes of [B] tensors, route ids or None) from route ids [B] (into
+        cfg.routes()), a Routes / (emb, hidden, depth) tuple of [B] tensors or
+        ints, or None (the max route)."""
+        cfg = self.cfg
+        if routes is None:
+            routes = torch.full((B,), cfg.max_route, dtype=torch.int64, device=device)
+        if torch.is_tensor(routes):
+            if routes.shape != (B,) or routes.is_floating_point():
+                raise ValueError(f"routes must be [{B}] integer route ids, got "
+                                 f"{_describe(routes)}")
+            if B and (int(routes.min()) < 0 or int(routes.max()) >= cfg.num_routes):
+                raise ValueError(f"routes: ids must lie in [0, {cfg.num_routes - 1}]")
+            t = self.route_table.to(device)[routes]
+            return Routes(t[:, 0], t[:, 1], t[:, 2]), routes
+        if len(routes) != 3:
+            raise ValueError("routes must be route ids [B] or (emb, hidden, depth)")
+        vals = []
+        for name, v, hi in zip(Routes._fields, routes, (cfg.E, cfg.D, cfg.L)):
+            v = torch.as_tensor(v, device=device, dtype=torch.int64)
+            v = v.expand(B).contiguous() if v.dim() == 0 else v
+            if v.shape != (B,):
+                raise ValueError(f"routes.{name} must be [{B}] or a scalar")
+            if B and (int(v.min()) < 1 or int(v.max()) > hi):
+                raise ValueError(f"routes.{name} must lie in [1, {hi}]")
+            vals.append(v)
+        if B and bool((vals[1] % cfg.num_heads).any()):
+            raise ValueError(f"routes.hidden must be divisible by num_heads {cfg.num_heads}")
+        return Routes(*vals), None
+
+    # ------------------------------------------------------------- paths --
+    def _drop(self, x, dropout):
+        p = self.cfg.dropout if dropout else 0.0
+        return F.dropout(x, p, self.training) if p > 0 else x
+
+    def encode_routed(self, x, lengths, routes: Routes, gate=None, dropout=True,
+                      left_padded=False):
+        """canet ops on a route-sorted packed batch. x: ids [B, L] or
+        embeddings [B, L, E]. Returns (h [T, D] packed in plan order, zero
+        beyond each width; the plan)."""
+        cfg = self.cfg
+        plan = plan_routes(lengths, routes.hidden, routes.depth, routes.emb,
+                           num_layers=cfg.L)
+        tok = gather_tokens(x, lengths, plan, left_padded)              # [T] or [T, E]
+        starts = torch.repeat_interleave(plan.cu_seqlens[:-1], plan.lengths)
+        pos = torch.arange(tok.shape[0], device=tok.device) - starts    # [T]
+        emb = self.item_emb(tok) if x.dim() == 2 else tok
+        # sliced_linear reads only x[:, :e_b]: no need to zero the rest.
+        h = self._drop(emb + self.pos_emb(pos), dropout)                 # [T, E]
+        h = ops.sliced_linear(h, plan.cu_seqlens, plan.emb_widths, plan.widths,
+                              self.w_p, self.b_p)                        # [T, D]
+        h = run_layers(plan, h, self.layers,
+                       lambda layer, h, cu, w: layer(h, cu, w, dropout))
+        if gate is not None:
+            h = h * torch.repeat_interleave(gate[plan.order], plan.lengths)[:, None]
+        return h, plan
+
+    def encode_masked(self, x, lengths, routes: Routes, gate=None, dropout=True):
+        """The same network at full width with per-sample masks, on a
+        right-padded batch. Returns h [B, L, D] (padded positions are junk)."""
+        cfg = self.cfg
+        B, L = x.shape[:2]
+        dt, dev = self.w_p.dtype, x.device
+        pos = torch.arange(L, device=dev)
+        emask = (torch.arange(cfg.E, device=dev) < routes.emb[:, None]).to(dt)[:, None, :]
+        emb = self.item_emb(x) if x.dim() == 2 else x
+        h = self._drop((emb + self.pos_emb(pos)[None]) * emask, dropout)
+        m = functional.MaskedContext(routes.hidden, cfg.num_heads, cfg.D, cfg.ffn_ratio,
+                                     L, dt)
+        h = F.linear(h, self.w_p, self.b_p) * m.fmask                    # [B, L, D]
+        h = run_masked_layers(h, routes.depth, self.layers,
+                              lambda layer, h: layer.masked(h, m, dropout))
+        if gate is not None:
+            h = h * gate[:, None, None]
+        return h
+
+    def encode(self, x, lengths, left_padded, routes: Routes, gate=None,
+               path="routed", dropout=True):
+        """(hidden [B, L, D] in the caller's layout, zero at padding and
+        beyond widths; last [B, D])."""
+        B, L = x.shape[:2]
+        if path == "routed":
+            h, plan = self.encode_routed(x, lengths, routes, gate, dropout, left_padded)
+            last = h[plan.cu_seqlens[1:] - 1][plan.inverse]
+            hidden = functional.unpack(h, plan.lengths, L, left_padded)[plan.inverse]
+            return hidden, last
+        if path != "masked":
+            raise ValueError(f"path must be 'routed' or 'masked', got {path!r}")
+        xr = _shift(x, lengths, True) if left_padded else x
+        h = self.encode_masked(xr, lengths, routes, gate, dropout)
+        pos = torch.arange(L, device=h.device)
+        h = h * (pos[None, :] < lengths[:, None])[..., None]
+        last = h[torch.arange(B, device=h.device), lengths - 1]
+        return (_shift(h, lengths, False) if left_padded else h), last
+
+    def forward(self, items=None, lengths=None, routes=None, *, embeddings=None,
+                padding_mask=None, left_padded=None, path="routed") -> EncoderOutput:
+        """items [B, L] ids (0 = padding) or embeddings= [B, L, E]; lengths
+        [B], padding_mask= [B, L] (True = padding) or neither (padding = id
+        0); left_padded: None = detect (from a mask or the ids), else as
+        given with lengths. routes: ids [B], a Routes / (emb, hidden, depth)
+        tuple, or None (the max route). path: "routed" (canet ops) or
+        "masked" (the paper's formulation)."""
+        x, lengths, left = self.layout(items, lengths, padding_mask, left_padded,
+                                       embeddings)
+        r, ids = self.resolve_routes(routes, x.shape[0], x.device)
+        hidden, last = self.encode(x, lengths, left, r, path=path)
+        return EncoderOutput(hidden, last, r, ids)
+
+
+class DenseEncoder(RoutedEncoder):
+    """The max-size model of the same supernet (every sample on the max
+    route): a plain SASRec stand-in for fair comparisons in host code."""
+
+    def forward(self, items=None, lengths=None, *, embeddings=None, padding_mask=None,
+                left_padded=None, path="routed") -> EncoderOutput:
+        return super().forward(items, lengths, None, embeddings=embeddings,
+                               padding_mask=padding_mask, left_padded=left_padded,
+                               path=path)
+
+
+def _describe(v):
+    if torch.is_tensor(v):
+        return f"{v.dtype} tensor of shape {tuple(v.shape)}"
+    return type(v).__name__
+
+
+# ------------------------------------------------------------------ CANet --
+
+class CANetEncoder(nn.Module):
+    """Router + routed encoder: each user's history picks its own route.
+
+    In training the route is a straight-through hard Gumbel-softmax sample
+    and each sample's hidden states are multiplied by its gate (1 in the
+    forward pass; the router's gradient path). At inference the route is
+    argmax(logits - cost_bias * FLOP ratio), deterministic. A host adds
+    `router_loss(out)` to its own loss."""
+
+    net_cls = RoutedEncoder
+
+    def __init__(self, cfg: CANetConfig | None = None, **kwargs):
+        super().__init__()
+        if cfg is None:
+            cfg = CANetConfig(**kwargs)
+        self.cfg = cfg
+        self.router = Router(cfg)
+        self.net = self.net_cls(cfg)
+        self.register_buffer("route_ratio", torch.tensor(cfg.route_flop_ratios(),
+                                                         dtype=torch.float64),
+                             persistent=False)
+        # inference-time price of compute per unit of FLOP ratio
+        self.register_buffer("cost_bias", torch.zeros((), dtype=torch.float64))
+
+    # ------------------------------------------------------------ routing --
+    def route(self, items, lengths) -> Routing:
+        """Routes of a right-padded batch: straight-through hard
+        Gumbel-softmax in training, argmax at inference."""
+        logits = self.router(items, lengths)
+        if self.training:
+            g = F.gumbel_softmax(logits, tau=self.cfg.tau, hard=True)   # [B, R]
+            routes = g.argmax(-1)
+            return Routing(routes, g.gather(1, routes[:, None]).squeeze(1), logits)
+        return Routing(self.pick(logits), None, logits)
+
+    def pick(self, logits, cost_bias=None):
+        """Deterministic inference routes: argmax of the logits less the
+        price of each route's FLOP ratio."""
+        c = self.cost_bias if cost_bias is None else cost_bias
+        if float(c) == 0.0:
+            return logits.argmax(-1)
+        adj = logits.double() - float(c) * self.route_ratio[None]
+        return adj.argmax(-1)
+
+    def forward(self, items, lengths=None, routes=None, *, padding_mask=None,
+                left_padded=None, path="routed") -> EncoderOutput:
+        """As RoutedEncoder.forward (item ids only: the router reads them);
+        routes default to the router's choice."""
+        return self.encode(items, lengths, routes, padding_mask=padding_mask,
+                           left_padded=left_padded, path=path)
+
+    def encode(self, items, lengths=None, routes=None, *, padding_mask=None,
+               left_padded=None, path="routed", dropout=True) -> EncoderOutput:
+        x, lengths, left = self.net.layout(items, lengths, padding_mask, left_padded)
+        logits = gate = None
+        if routes is None:
+            rt = self.route(_shift(x, lengths, True) if left else x, lengths)
+            routes, gate, logits = rt.routes, rt.gate, rt.logits
+        r, ids = self.net.resolve_routes(routes, x.shape[0], x.device)
+        hidden, last = self.net.encode(x, lengths, left, r, gate, path, dropout)
+        return EncoderOutput(hidden, last, r, ids, logits, gate)
+
+    # ------------------------------------------------------- router losses --
+    def router_losses(self, out: EncoderOutput, hit=None) -> dict:
+        """The router's auxiliary losses, unweighted: `uniform` (KL of the
+        batch-mean route distribution from uniform), `budget` (expected FLOP
+        ratio above cfg.flop_target) and, given `hit` [B] bool (the smallest
+        route ranks the target in its top guide_topk, see
+        `smallest_route_hits`), `guide`. Empty without router logits."""
+        if out.logits is None:
+            return {}
+        lg = out.logits
+        probs = torch.softmax(lg.float() if lg.dtype in (torch.float16, torch.bfloat16)
+                              else lg, dim=-1)
+        exp_ratio = (probs * self.route_ratio.to(probs.dtype)).sum(-1).mean()
+        t = self.cfg.flop_target
+        losses = {"uniform": uniform_loss(probs),
+                  "budget": torch.relu(exp_ratio - t) if t is not None else exp_ratio * 0,
+                  "exp_ratio": exp_ratio.detach()}
+        if hit is not None:
+            losses["guide"] = guide_loss(self.cfg, probs, hit)
+        return losses
+
+    def router_loss(self, out: EncoderOutput, hit=None):
+        """Weighted sum of `router_losses` (0 without router logits), to add
+        to a host's own loss."""
+        ls = self.router_losses(out, hit)
+        if not ls:
+            return out.last.new_zeros(())
+        cfg = self.cfg
+        total = cfg.uniform_weight * ls["uniform"] + cfg.budget_weight * ls["budget"]
+        if "guide" in ls:
+            total = total + cfg.guide_weight * ls["guide"]
+        return total.to(out.last.dtype)
+
+    @torch.no_grad()
+    def smallest_route_hits(self, items, lengths, target, score_fn=None, left_padded=None):
+        """[B] bool: the smallest route ranks `target` [B] in its top
+        guide_topk. `score_fn(last [B, D]) -> [B, n_items + 1]` scores a
+        hidden state; default: the item embedding table (tied scoring)."""
+        x, lengths, left = self.net.layout(items, lengths, None, left_padded)
+        small = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+        r, _ = self.net.resolve_routes(small, x.shape[0], x.device)
+        _, last = self.net.encode(x, lengths, left, r, dropout=False)
+        if score_fn is None:
+            score_fn = self.tied_scores
+        s = score_fn(last).clone()
+        s[:, 0] = float("-inf")
+        ts = s.gather(1, target[:, None])
+        return (s > ts).sum(-1) < self.cfg.guide_topk
+
+    def tied_scores(self, last):
+        """Scores [B, n_items + 1] of hidden states against the item
+        embedding table (needs E >= D)."""
+        cfg = self.cfg
+        if cfg.E < cfg.D:
+            raise ValueError("tied scoring needs max(emb_widths) >= max(hidden_widths)")
+        return last @ self.net.item_emb.weight[:, :cfg.D].T
+
+    # -------------------------------------------------------- calibration --
+    @torch.no_grad()
+    def router_logits(self, batches):
+        """Router logits [N, R] (eval mode) over an iterable of (items,
+        lengths) batches, any padding the encoder accepts."""
+        was = self.training
+        self.eval()
+        out = []
+        try:
+            for items, lengths in batches:
+                x, n, left = self.net.layout(items, lengths)
+                out.append(self.router(_shift(x, n, True) if left else x, n))
+        finally:
+            self.train(was)
+        if not out:
+            raise ValueError("calibrate: no batches given")
+        return torch.cat(out)
+
+    def calibrate(self, batches, target: float | None = None, spend: bool = False) -> float:
+        """Sets `cost_bias` from held-out users (an iterable of (items,
+        lengths), never test users) so that the argmax routes' mean FLOP
+        ratio meets `target` (default cfg.flop_target). Returns the bias."""
+        target = self.cfg.flop_target if target is None else target
+        if target is None:
+            return float(self.cost_bias)
+        return self.calibrate_cost_bias(self.router_logits(batches), target, spend=spend)
+
+    @torch.no_grad()
+    def calibrate_cost_bias(self, logits, target: float, iters: int = 50,
+                            spend: bool = False) -> float:
+        """Sets `cost_bias` from `logits` [N, R] and returns it: the smallest
+        value >= 0 whose routes have mean FLOP ratio <= target. With `spend`,
+        a router whose own argmax stays below the target gets the most
+        negative bias that still meets it instead, so the routes use the
+        budget. The chosen route's FLOP ratio does not increase with the
+        bias, so bisection applies."""
+        ratio = self.route_ratio
+
+        def mean_ratio(c):
+            return float(ratio[self.pick(logits, c)].mean())
+
+        def bisect(lo, hi):  # mean_ratio(lo) > target >= mean_ratio(hi)
+            for _ in range(iters):
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if mean_ratio(mid) <= target else (mid, hi)
+            return hi
+
+        if mean_ratio(0.0) > target:
+            hi = 1.0
+            while mean_ratio(hi) > target and hi < 1e6:
+                hi *= 2
+            c = bisect(0.0, hi)
+        elif spend:
+            lo = -1.0
+            while mean_ratio(lo) <= target and lo > -1e6:
+                lo *= 2
+            c = bisect(lo, 0.0) if mean_ratio(lo) > target else lo
+        else:
+            c = 0.0
+        self.cost_bias.fill_(c)
+        return c
+
+
+def guide_loss(cfg: CANetConfig, probs, hit):
+    """Cross-entropy between per-axis soft labels and the router's
+    marginals over (embedding width, hidden width, depth). probs [B, R]; hit
+    [B] bool: a hit pushes each marginal towards small choices, a miss
+    towards large ones."""
+    nE, nD, nL = len(cfg.emb_widths), len(cfg.hidden_widths), len(cfg.depths)
+    p = probs.view(-1, nE, nD, nL)
+    loss = probs.new_zeros(())
+    for axis, k in ((1, nE), (2, nD), (3, nL)):
+        dims = tuple(a for a in (1, 2, 3) if a != axis)
+        marg = p.sum(dims)                                             # [B, k]
+        up = torch.arange(1, k + 1, dtype=probs.dtype, device=probs.device)
+        up = up / up.sum()
+        target = torch.where(hit[:, None], up.flip(0)[None], up[None])
+        loss = loss - (target * torch.log(marg.clamp_min(1e-9))).sum(-1).mean()
+    return loss
+
+
+def uniform_loss(probs):
+    """KL(mean router distribution || uniform)."""
+    R = probs.shape[-1]
+    mean = probs.mean(0)
+    return (mean * torch.log((mean * R).clamp_min(1e-12))).sum()
