@@ -7,8 +7,10 @@ items, 0 = none).
 Single target: rank = number of other items scoring >= the target (ties
 count against the target, so a constant model scores 0, not 1);
 HR@K = Recall@K = [rank < K], NDCG@K = 1 / log2(rank + 2) if rank < K.
-Several targets: from the top-K list, Recall@K = hits / #relevant,
-HR@K = [hits > 0], NDCG@K = DCG@K / ideal DCG@K.
+Several targets: each relevant item is ranked as a single target is (every
+other item scoring >= it counts ahead, other relevant items included), a hit
+is rank < K; Recall@K = hits / #relevant, HR@K = [hits > 0],
+NDCG@K = sum of 1 / log2(rank + 2) over hits / ideal DCG@K.
 """
 from __future__ import annotations
 
@@ -48,20 +50,24 @@ def full_ranking(scores, targets, ks=(10, 20), seen=None):
         return out
     rel = targets > 0                                                # [B, M]
     n_rel = rel.sum(-1).to(torch.float64)
-    kmax = min(max(ks), s.shape[1] - 1)
-    top = s.topk(kmax, dim=-1).indices                               # [B, K]
-    hits = ((top[:, :, None] == targets[:, None, :]) & rel[:, None, :]).any(-1)
-    hits = hits.to(torch.float64)                                    # [B, K]
-    disc = 1.0 / torch.log2(torch.arange(kmax, dtype=torch.float64,
+    # Ranks by counting, not by positions in a topk list: topk orders tied
+    # items arbitrarily, so a target tied with others could land in the top K
+    # (all-zero scores gave HR@5 = 1 for [[5]] and 0 for [5]). Counting among
+    # the largest max(ks) + 1 scores gives every rank up to max(ks) exactly
+    # and larger ones as max(ks): enough for rank < k with any k in ks.
+    t = s.gather(1, targets.to(torch.int64))                         # [B, M]
+    top = s.topk(min(max(ks) + 1, s.shape[1]), dim=-1).values        # [B, K+1]
+    rank = ((top[:, None, :] >= t[:, :, None]).sum(-1) - 1).to(torch.float64)
+    disc = 1.0 / torch.log2(torch.arange(max(ks), dtype=torch.float64,
                                          device=s.device) + 2)       # [K]
     for k in ks:
-        h = hits[:, :k]
+        h = ((rank < k) & rel).to(torch.float64)                     # [B, M]
         n_hit = h.sum(-1)
         out[f"recall@{k}"] = n_hit / n_rel.clamp_min(1)
         out[f"hr@{k}"] = (n_hit > 0).to(torch.float64)
         ideal = torch.cumsum(disc[:k], 0)                            # ideal DCG by #rel
         idcg = ideal[(n_rel.clamp(1, k) - 1).long()]
-        out[f"ndcg@{k}"] = (h * disc[:h.shape[1]]).sum(-1) / idcg
+        out[f"ndcg@{k}"] = (h / torch.log2(rank + 2)).sum(-1) / idcg
     return out
 
 

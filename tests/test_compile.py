@@ -5,6 +5,7 @@ import torch
 import canet_kernels  # noqa: F401
 from canet_kernels import reference
 from canet_kernels.routing import plan_routes
+from helpers import one_thread  # noqa: F401  (autouse fixture)
 
 op = torch.ops.canet
 D, H = 32, 4

@@ -80,3 +80,26 @@ def test_accumulator_means():
     acc.update({"hr@10": torch.tensor([1.0])})
     assert acc.result()["hr@10"] == pytest.approx(2 / 3)
     assert acc.count == 3
+
+
+def test_multi_target_ties_count_against_the_target():
+    # the same pessimistic rule as the 1-D path: every other item scoring >=
+    # a target ranks ahead of it, whatever order topk leaves tied items in
+    scores = torch.zeros(1, 11)               # items 1..10 all tie
+    one = full_ranking(scores, torch.tensor([5]), ks=(5, 10))
+    many = full_ranking(scores, torch.tensor([[5]]), ks=(5, 10))
+    assert many["hr@5"].item() == one["hr@5"].item() == 0.0    # rank 9
+    assert many["ndcg@10"].item() == pytest.approx(1 / math.log2(11))
+    # two relevant items tied with everything: each has 9 items ahead
+    m = full_ranking(scores, torch.tensor([[2, 5, 0]]), ks=(5, 10))
+    assert m["hr@5"].item() == 0.0 and m["recall@10"].item() == 1.0
+    idcg = 1 + 1 / math.log2(3)
+    assert m["ndcg@10"].item() == pytest.approx(2 / math.log2(11) / idcg)
+    # tie-heavy scores: one target as [B, 1] gives exactly the 1-D values
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (64, 30), generator=g).float()
+    t = torch.randint(1, 30, (64,), generator=g)
+    a = full_ranking(scores, t, ks=(1, 5, 10))
+    b = full_ranking(scores, t[:, None], ks=(1, 5, 10))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], msg=k)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from canet_kernels.routing import merge_layers, plan_routes
+from helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
 def test_plan_sorts_by_depth_then_width_and_inverts():

@@ -6,6 +6,7 @@ from canet_kernels import reference
 from canet_kernels.functional import sliced_add_layernorm, unpack
 from helpers import (LENGTHS, WIDTHS_40, assert_matches_reference,
                      assert_zero_beyond, rand, routes)
+from helpers import one_thread  # noqa: F401  (autouse fixture)
 
 op = torch.ops.canet
 
@@ -85,6 +86,15 @@ def test_empty_and_constant_rows_are_finite():
     y = op.sliced_add_layernorm(*args)
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(args[0].grad).all()
+    # rows of zeros normalise to 0: y is the bias, and with grad_out = 1 the
+    # input gradient is rstd * (weight - mean(weight)), rstd = eps ** -0.5
+    w, b, eps = args[4].detach()[:8], args[5].detach()[:8], args[6]
+    want_y = torch.zeros(3, 40)
+    want_y[:, :8] = b
+    torch.testing.assert_close(y.detach(), want_y)
+    want_g = torch.zeros(3, 40)
+    want_g[:, :8] = eps ** -0.5 * (w - w.mean())
+    torch.testing.assert_close(args[0].grad, want_g)
 
 
 def test_padded_batch_matches_packed():

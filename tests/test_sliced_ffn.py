@@ -6,6 +6,7 @@ from canet_kernels import reference
 from canet_kernels.functional import sliced_ffn, unpack
 from helpers import (LENGTHS, WIDTHS_40, assert_matches_reference,
                      assert_zero_beyond, rand, routes)
+from helpers import one_thread  # noqa: F401  (autouse fixture)
 
 op = torch.ops.canet
 R = 4
@@ -97,6 +98,9 @@ def test_empty_batch_and_zero_length_samples():
         assert y.shape == (0, 40)
         y.sum().backward()
         assert torch.isfinite(args[3].grad).all()
+        # no tokens: every parameter gradient is exactly zero
+        for i in (3, 4, 5, 6):
+            assert torch.equal(args[i].grad, torch.zeros_like(args[i])), i
 
 
 def test_padded_batch_matches_packed():

@@ -4,6 +4,7 @@ import torch
 import canet_kernels  # noqa: F401
 from canet_kernels import reference
 from helpers import LENGTHS, WIDTHS_40, assert_matches_reference, assert_zero_beyond, rand, routes
+from helpers import one_thread  # noqa: F401  (autouse fixture)
 
 op = torch.ops.canet
 OUT_WIDTHS = [3, 50, 7, 1, 50, 33]

@@ -31,6 +31,7 @@ pytest.importorskip("triton")
 
 import canet_kernels.triton as kt  # noqa: E402
 from canet_kernels import reference  # noqa: E402
+from helpers import one_thread  # noqa: E402,F401  (autouse fixture)
 
 assert kt.INTERPRETED
 # the kernels are built; other modules of the session see the caller's setting
@@ -198,8 +199,11 @@ def test_add_layernorm(dtype):
     weight = 1 + rand(D, dtype=dtype, scale=0.2, seed=3)
     bias = rand(D, dtype=dtype, scale=0.2, seed=4)
     dy = garbage(rand(T, D, dtype=dtype, seed=5), cu, widths)
-    # the reference normalises in float32 whatever the dtype
-    opts = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float64 else {}
+    # the reference normalises in the input's own precision (float32 only for
+    # 16-bit inputs), so fp64 holds to fp64 rounding: the largest error
+    # measured is 5e-15 (weight/bias gradients of size up to 29); 1e-12
+    # leaves ~200x
+    opts = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else {}
     want, grads = ref_grads(
         lambda a, r, w_, b_: reference.sliced_add_layernorm(a, r, cu, widths, w_, b_),
         [torch.nan_to_num(x), torch.nan_to_num(res, posinf=0.0), weight, bias],
@@ -212,7 +216,7 @@ def test_add_layernorm(dtype):
         if s == e:
             continue
         h = x[s:e, :w] + res[s:e, :w]
-        close("mean", mean[s:e], h.mean(1), dtype)
+        close("mean", mean[s:e], h.mean(1), dtype, **opts)
         close("rstd", rstd[s:e], (h.var(1, unbiased=False) + 1e-5).rsqrt(), dtype, **opts)
     gin, gw, gb = kt.sliced_add_layernorm_backward(dy, x, res, cu, widths, weight, mean, rstd)
     close("grad_input (x)", gin, grads[0], dtype, **opts)
