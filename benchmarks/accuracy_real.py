@@ -96,7 +96,9 @@ def main():
         torch.set_num_threads(a.threads)
     report = {"settings": vars(a), "datasets": {}}
     for name in a.datasets:
-        ds = D.read_file(os.path.join(a.data_dir, f"{name}.txt"), "users")
+        # `Beauty` -> Beauty.txt (users format); `ml-100k.inter` -> that RecBole file
+        fname = name if name.endswith(".inter") else f"{name}.txt"
+        ds = D.read_file(os.path.join(a.data_dir, fname))  # format from the extension
         if a.limit_users:
             ds.sequences, ds.users = ds.sequences[:a.limit_users], ds.users[:a.limit_users]
         print(ds.summary())

@@ -2,6 +2,7 @@
 
     python -m canet_kernels.cli demo
     python -m canet_kernels.cli train --data ../shared/data/Beauty.txt --out runs/beauty
+    python -m canet_kernels.cli train --data ml-100k.inter --out runs/ml100k   # RecBole
     python -m canet_kernels.cli eval --ckpt runs/beauty
     python -m canet_kernels.cli route-stats --ckpt runs/beauty
     python -m canet_kernels.cli recommend --ckpt runs/beauty --seq "1 2 3" -k 10
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 import torch
 
@@ -25,11 +27,40 @@ def _ints(s):
     return tuple(int(v) for v in s.replace(" ", "").split(",") if v)
 
 
+def _add_format_args(g):
+    g.add_argument("--format", choices=D.FORMATS, default=None,
+                   help="users: `user item item ...` per line; pairs: `user item` per "
+                        "line (file order = time order); inter: RecBole atomic .inter "
+                        "file (default: inter for *.inter files, else users)")
+    for what, name in (("user", "user_id"), ("item", "item_id"),
+                       ("time", "timestamp")):
+        g.add_argument(f"--{what}-field", default=None, metavar="NAME",
+                       help=f"inter: the {what} column (default: {name})")
+
+
+def _read_data(read, *args, **kwargs):
+    """read(*args, **kwargs), printing its TimeOrderWarnings as CLI warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", D.TimeOrderWarning)
+        ds = read(*args, **kwargs)
+    for w in caught:
+        if issubclass(w.category, D.TimeOrderWarning):
+            print(f"canet: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno,
+                                   source=w.source)
+    return ds
+
+
+def _read_file(args):
+    return _read_data(D.read_file, args.data, args.format, user_field=args.user_field,
+                      item_field=args.item_field, time_field=args.time_field)
+
+
 def _add_data_args(p, required=False):
     g = p.add_argument_group("data")
     g.add_argument("--data", help="data file (default: the embedded synthetic data)")
-    g.add_argument("--format", choices=D.FORMATS, default="users",
-                   help="users: `user item item ...` per line; pairs: `user item` per line")
+    _add_format_args(g)
     g.add_argument("--synthetic-users", type=int, default=2000)
     g.add_argument("--synthetic-items", type=int, default=400)
     g.add_argument("--data-seed", type=int, default=0)
@@ -39,7 +70,7 @@ def _add_data_args(p, required=False):
 
 def _load_data(args):
     if args.data:
-        return D.read_file(args.data, args.format)
+        return _read_file(args)
     return D.synthetic(args.synthetic_users, args.synthetic_items, args.data_seed)
 
 
@@ -149,9 +180,13 @@ def _data_for_ckpt(args, cfg):
     max_len = src.pop("max_len", cfg["model"]["max_len"])
     windows = src.pop("windows", False)
     if getattr(args, "data", None):
-        ds = D.read_file(args.data, args.format)
+        ds = _read_file(args)
+        if ds.item_tokens is not None and ds.source["path"] != src.get("path"):
+            print(f"canet: warning: {args.data}: the item tokens of an .inter file are "
+                  "numbered by the file itself; they match the model's only if the "
+                  "training file numbered them the same way", file=sys.stderr)
     else:
-        ds = D.load(src)
+        ds = _read_data(D.load, src)
     if ds.n_items > cfg["model"]["n_items"]:
         raise SystemExit(f"data has item ids up to {ds.n_items} but the model knows "
                          f"{cfg['model']['n_items']}")
@@ -298,7 +333,7 @@ def build_parser():
     e = sub.add_parser("eval", help="validation and test metrics of a checkpoint")
     e.add_argument("--ckpt", required=True)
     e.add_argument("--data", help="evaluate on another file (default: the training data)")
-    e.add_argument("--format", choices=D.FORMATS, default="users")
+    _add_format_args(e)
     e.add_argument("--path", choices=("routed", "masked"), default="routed")
     e.add_argument("--mask-seen", action="store_true")
     e.add_argument("--batch-size", type=int, default=256)
@@ -308,7 +343,7 @@ def build_parser():
     r = sub.add_parser("route-stats", help="route distribution and mean FLOP ratio")
     r.add_argument("--ckpt", required=True)
     r.add_argument("--data")
-    r.add_argument("--format", choices=D.FORMATS, default="users")
+    _add_format_args(r)
     r.add_argument("--split", choices=("valid", "test"), default="test")
     r.add_argument("--batch-size", type=int, default=256)
     r.set_defaults(func=cmd_route_stats)

@@ -1,26 +1,62 @@
-"""Data: readers for the two common sequential-recommendation file formats, a
+"""Data: readers for common sequential-recommendation file formats, a
 synthetic generator with users of different complexity, and the
 leave-one-out split (last item test, second-to-last validation).
 
-Formats (items are positive integers, 0 is reserved for padding):
-  users  one user per line: `user_id item_1 item_2 ... item_n`, time order
-         (S3Rec / CANet preprocessed files, e.g. Beauty.txt, LastFM.txt)
-  pairs  one interaction per line: `user_id item_id`, each user's lines in
-         time order (SASRec repositories)
+Formats (in `users` and `pairs` items are positive integers, 0 is reserved
+for padding):
+  users  one user per line: `user_id item_1 item_2 ... item_n` (S3Rec / CANet
+         preprocessed files, e.g. Beauty.txt, LastFM.txt). No timestamps:
+         by the convention of these files each line is already in time
+         order, and it is taken as such without a warning.
+  pairs  one interaction per line: `user_id item_id` (SASRec repositories).
+         No timestamps: each user's lines are taken in file order as time
+         order, and reading one warns so (TimeOrderWarning).
+  inter  a RecBole atomic `.inter` file: tab-separated, the first line a
+         typed header `name:type` per column (type token, token_seq, float
+         or float_seq), e.g. `user_id:token<TAB>item_id:token<TAB>timestamp:float`.
+         User, item and time columns are named by `user_field`, `item_field`
+         and `time_field` (RecBole's USER_ID_FIELD, ITEM_ID_FIELD,
+         TIME_FIELD; default user_id, item_id, timestamp); other columns are
+         ignored. Item tokens are numbered 1..n in the order of their first
+         appearance in the file, as RecBole's own remap does (pd.factorize;
+         the same ids for the file alone, without an .item file or
+         filtering); `SeqDataset.item_tokens[i]` is the token of item id i
+         (index 0 is "[PAD]"). Users keep their tokens (`SeqDataset.users`),
+         in order of first appearance. Each user's interactions are sorted
+         by the time column, stably (equal times keep file order). Without
+         the default time column the file order is taken as time order, with
+         a TimeOrderWarning; a time column asked for by name must exist.
+`read_file(path)` without a format reads `*.inter` files as `inter`, all
+others as `users`.
 """
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-FORMATS = ("users", "pairs")
+FORMATS = ("users", "pairs", "inter")
+INTER_TYPES = ("token", "token_seq", "float", "float_seq")
+INTER_FIELDS = {"user_field": "user_id", "item_field": "item_id",
+                "time_field": "timestamp"}           # RecBole's defaults
+PAD_TOKEN = "[PAD]"
 
 
 class DataFormatError(ValueError):
     """A malformed data file; the message names the file and the line."""
+
+
+class TimeOrderWarning(UserWarning):
+    """A data file without timestamps: its line order is taken as time order."""
+
+
+def _warn_file_order(path, why):
+    warnings.warn(f"{path}: {why}; each user's interactions are taken in file order "
+                  "as their time order", TimeOrderWarning, stacklevel=4)
 
 
 @dataclass
@@ -31,6 +67,7 @@ class SeqDataset:
     n_items: int               # largest item id (ids are 1..n_items)
     source: dict = field(default_factory=dict)   # how to load it again
     user_types: np.ndarray | None = None          # synthetic only: 0 simple, 1 complex
+    item_tokens: list | None = None               # inter only: item id i -> token
 
     @property
     def num_interactions(self) -> int:
@@ -100,7 +137,9 @@ def read_interactions(path: str) -> SeqDataset:
             user, item = _ints(path, lineno, parts)
             _check_items(path, lineno, [item])
             by_user.setdefault(user, []).append(item)
-    return _finish(path, list(by_user.values()), list(by_user.keys()), "pairs")
+    ds = _finish(path, list(by_user.values()), list(by_user.keys()), "pairs")
+    _warn_file_order(path, "the pairs format has no timestamps")
+    return ds
 
 
 def _finish(path, sequences, users, fmt):
@@ -112,12 +151,141 @@ def _finish(path, sequences, users, fmt):
                       {"kind": "file", "path": os.path.abspath(path), "format": fmt})
 
 
-def read_file(path: str, fmt: str = "users") -> SeqDataset:
+_HEADER_EXAMPLE = "`user_id:token<TAB>item_id:token<TAB>timestamp:float`"
+
+
+def _columns(line):
+    return line.rstrip("\r\n").split("\t")
+
+
+def _inter_header(path, lineno, line):
+    """{name: (column index, type)} of a typed RecBole header line."""
+    cols, header = _columns(line), {}
+    if len(cols) == 1 and len(line.split()) > 1 and ":" in line:
+        raise _err(path, lineno, "header columns must be separated by tabs, got "
+                   f"{line.strip()!r}")
+    for i, col in enumerate(cols):
+        parts = col.strip().split(":")
+        if len(parts) != 2 or not parts[0]:
+            raise _err(path, lineno, f"expected a typed RecBole header such as "
+                       f"{_HEADER_EXAMPLE}, got column {col!r}")
+        name, ftype = parts
+        if ftype not in INTER_TYPES:
+            raise _err(path, lineno, f"column {col!r}: type must be one of "
+                       f"{', '.join(INTER_TYPES)}")
+        if name in header:
+            raise _err(path, lineno, f"column {name!r} appears twice in the header")
+        header[name] = (i, ftype)
+    return header
+
+
+def _header_field(path, lineno, header, name, what, option, want_type):
+    if name not in header:
+        raise _err(path, lineno, f"no {what} column {name!r} in the header (columns: "
+                   f"{', '.join(header)}); name it with {option}")
+    i, ftype = header[name]
+    if ftype != want_type:
+        raise _err(path, lineno, f"the {what} column {name!r} must be of type "
+                   f"{want_type}, got {ftype}")
+    return i
+
+
+def read_recbole_inter(path: str, user_field: str | None = None,
+                       item_field: str | None = None,
+                       time_field: str | None = None) -> SeqDataset:
+    """A RecBole atomic `.inter` file (see the module docstring). None for a
+    field means RecBole's default name (user_id, item_id, timestamp)."""
+    uf = user_field or INTER_FIELDS["user_field"]
+    itf = item_field or INTER_FIELDS["item_field"]
+    tf = time_field or INTER_FIELDS["time_field"]
+    rows: dict = {}                       # user token -> [(time, item id)]
+    item_ids: dict = {}                   # item token -> id, first appearance
+    header = None
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if header is None:
+                header = _inter_header(path, lineno, line)
+                hline = lineno
+                ui = _header_field(path, lineno, header, uf, "user", "user_field / "
+                                   "--user-field", "token")
+                ii = _header_field(path, lineno, header, itf, "item", "item_field / "
+                                   "--item-field", "token")
+                if tf in header:
+                    ti = _header_field(path, lineno, header, tf, "time", "time_field "
+                                       "/ --time-field", "float")
+                elif time_field:
+                    raise _err(path, lineno, f"no time column {tf!r} in the header "
+                               f"(columns: {', '.join(header)})")
+                else:
+                    ti = None
+                continue
+            cols = _columns(line)
+            if len(cols) != len(header):
+                hint = (" (columns must be separated by tabs)"
+                        if len(line.split()) == len(header) else "")
+                raise _err(path, lineno, f"expected {len(header)} tab-separated columns "
+                           f"as in the header on line {hline}, got {len(cols)}{hint}")
+            user, item = cols[ui], cols[ii]
+            if not user:
+                raise _err(path, lineno, f"empty user token in column {uf!r}")
+            if not item:
+                raise _err(path, lineno, f"empty item token in column {itf!r}")
+            t = 0.0
+            if ti is not None:
+                try:
+                    t = float(cols[ti])
+                except ValueError:
+                    t = math.nan
+                if not math.isfinite(t):
+                    raise _err(path, lineno, f"time column {tf!r}: expected a finite "
+                               f"number, got {cols[ti]!r}")
+            iid = item_ids.setdefault(item, len(item_ids) + 1)
+            rows.setdefault(user, []).append((t, iid))
+    if header is None:
+        raise DataFormatError(f"{path}:1: empty file; a RecBole .inter file starts "
+                              f"with a typed header such as {_HEADER_EXAMPLE}")
+    if not rows:
+        raise DataFormatError(f"{path}:{hline}: no interactions found, only the "
+                              "header")
+    # sorted() is stable: interactions at the same time keep their file order
+    sequences = [[i for _, i in sorted(r, key=lambda x: x[0])] for r in rows.values()]
+    ds = _finish(path, sequences, list(rows), "inter")
+    ds.item_tokens = [PAD_TOKEN, *item_ids]
+    ds.source.update(user_field=user_field, item_field=item_field,
+                     time_field=time_field)
+    if ti is None:
+        _warn_file_order(path, f"no time column {tf!r} in the header")
+    return ds
+
+
+def guess_format(path: str) -> str:
+    """`inter` for a `.inter` file, else `users`."""
+    return "inter" if path.lower().endswith(".inter") else "users"
+
+
+def read_file(path: str, fmt: str | None = None, user_field: str | None = None,
+              item_field: str | None = None, time_field: str | None = None
+              ) -> SeqDataset:
+    """Reads `path` in format `fmt` (None: guess_format). The field names
+    only apply to the inter format."""
+    if fmt is None:
+        fmt = guess_format(path)
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path}")
-    return read_user_sequences(path) if fmt == "users" else read_interactions(path)
+    if fmt == "inter":
+        return read_recbole_inter(path, user_field, item_field, time_field)
+    given = [k for k, v in (("user_field", user_field), ("item_field", item_field),
+                            ("time_field", time_field)) if v]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only the inter format has named "
+                         f"columns, not {fmt}")
+    if fmt == "users":
+        return read_user_sequences(path)
+    return read_interactions(path)
 
 
 def synthetic(n_users: int = 2000, n_items: int = 400, seed: int = 0,
@@ -176,7 +344,8 @@ def load(source: dict) -> SeqDataset:
         keys = ("n_users", "n_items", "seed", "complex_share", "noise")
         return synthetic(**{k: source[k] for k in keys if k in source})
     if kind == "file":
-        return read_file(source["path"], source.get("format", "users"))
+        return read_file(source["path"], source.get("format", "users"),
+                         **{k: source.get(k) for k in INTER_FIELDS})
     raise ValueError(f"unknown data source {source!r}")
 
 

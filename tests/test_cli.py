@@ -160,6 +160,57 @@ def test_malformed_file_through_the_cli(tmp_path, capsys):
     assert f"{bad}:2:" in err and "'six'" in err
 
 
+def _write_inter(path, ds, header, timed=True):
+    """ds as a RecBole .inter file with string tokens; timed: lines in reverse
+    time order (the reader must sort them), else in time order without times."""
+    rows = [(t, f"user{u}", f"item{v}") for u, seq in zip(ds.users, ds.sequences)
+            for t, v in enumerate(seq)]
+    with open(path, "w") as f:
+        f.write(header + "\n")
+        for t, u, v in (sorted(rows, reverse=True) if timed else rows):
+            f.write(f"{u}\t{v}\t{t}\n" if timed else f"{u}\t{v}\n")
+
+
+def test_train_and_eval_on_a_recbole_inter_file(tmp_path, capsys):
+    ds = D.synthetic(60, 60, seed=1)
+    path = str(tmp_path / "tiny.inter")
+    _write_inter(path, ds, "session:token\titem_id:token\tts:float")
+    out = str(tmp_path / "run")
+    rc, text, err = run_cli(["train", "--data", path, "--format", "inter",
+                             "--user-field", "session", "--time-field", "ts", *TINY,
+                             "--epochs", "1", "--out", out], capsys)
+    assert rc == 0 and "warning" not in err
+    assert "tiny: 60 users" in text
+    with open(os.path.join(out, "results.json")) as f:
+        res = json.load(f)
+    # eval reloads the .inter file (with its field names) from the checkpoint
+    rc, text, _ = run_cli(["eval", "--ckpt", out], capsys)
+    assert rc == 0
+    line = [l for l in text.splitlines() if l.startswith("test:")][0]
+    assert f"ndcg@10 {res['test']['ndcg@10']:.4f}" in line
+    # no time column: a warning that file order is taken as time order
+    plain = str(tmp_path / "plain.inter")
+    _write_inter(plain, ds, "user_id:token\titem_id:token", timed=False)
+    rc, _, err = run_cli(["route-stats", "--ckpt", out, "--data", plain], capsys)
+    assert rc == 0
+    assert f"canet: warning: {plain}: no time column 'timestamp'" in err
+    assert "file order" in err and "numbered by the file itself" in err
+
+
+def test_pairs_file_warns_through_the_cli(tmp_path, capsys):
+    pairs = tmp_path / "p.txt"
+    pairs.write_text("1 2\n1 3\n2 3\n1 4\n2 4\n1 5\n2 5\n2 6\n")
+    rc, _, err = run_cli(["train", "--data", str(pairs), "--format", "pairs", *TINY,
+                          "--epochs", "1", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0
+    assert f"canet: warning: {pairs}: the pairs format has no timestamps" in err
+    bad = tmp_path / "bad.inter"
+    bad.write_text("user_id:token\titem_id:token\ttimestamp:float\nu\ta\tnoon\n")
+    rc, _, err = run_cli(["train", "--data", str(bad), "--out", str(tmp_path / "b"),
+                          "--no-progress"], capsys)
+    assert rc == 2 and f"{bad}:2:" in err and "'noon'" in err
+
+
 def test_demo_smoke(capsys):
     rc, out, _ = run_cli(["demo", "--users", "80", "--items", "60", "--epochs", "1",
                           "--max-len", "12", "--emb-widths", "8,16", "--hidden-widths",
