@@ -9,7 +9,7 @@ routed FLOPs.
 CANet here: --warmup-epochs of sandwich supernet training (router off), then
 the router with the CANet losses; before every validation the inference
 cost bias is set on validation users so the argmax routes meet --flop-target
-(--no-calibrate: plain argmax). Results and commands of the runs made so far:
+(--no-calibrate-flops: plain argmax). Results and commands of the runs made so far:
 benchmarks/results/accuracy/README.md.
 
     python benchmarks/accuracy_real.py --epochs 60
@@ -34,58 +34,29 @@ from canet_kernels import data as D  # noqa: E402
 from canet_kernels.cli import route_table  # noqa: E402
 from canet_kernels.metrics import format_metrics  # noqa: E402
 from canet_kernels.model import CANetConfig  # noqa: E402
+from canet_kernels.options import (MODEL_OPTIONS, TRAIN_OPTIONS, add_options,  # noqa: E402
+                                   from_options)
 from canet_kernels.train import TrainConfig, protocol, time_inference, train  # noqa: E402
-
-
-def ints(s):
-    return tuple(int(v) for v in s.split(",") if v)
 
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "data"))
     p.add_argument("--datasets", nargs="+", default=["Beauty", "LastFM"])
-    p.add_argument("--max-len", type=int, default=50)
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--emb-widths", type=ints, default=(64, 96, 128))
-    p.add_argument("--hidden-widths", type=ints, default=(64, 96, 128))
-    p.add_argument("--depths", type=ints, default=(2, 4, 6, 8))
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--flop-target", type=float, default=0.40,
-                   help="router's FLOP budget (below the 0.45 goal for slack)")
-    p.add_argument("--budget-weight", type=float, default=1.0)
-    p.add_argument("--residual-scale-init", type=float, default=1e-8,
-                   help="learnable scale on each sublayer output, initialised to this "
-                        "(as in the CANet code); <= 0: none (plain post-LN)")
-    p.add_argument("--no-calibrate", action="store_true",
-                   help="plain argmax routes (default: the inference cost bias is set "
-                        "on validation users so the routes meet --flop-target)")
-    p.add_argument("--spend-budget", action="store_true",
-                   help="calibration also raises routes that stay below --flop-target "
-                        "up to it (a negative cost bias)")
-    p.add_argument("--warmup-epochs", type=int, default=10,
-                   help="CANet: epochs of sandwich supernet training before the router "
-                        "(10 measured on LastFM; use fewer when only a few epochs fit)")
-    p.add_argument("--max-train-minutes", type=float, default=None,
-                   help="per model: stop after the epoch that passes this training time")
+    # this protocol's settings; everything else is CANetConfig's / TrainConfig's
+    add_options(p, CANetConfig, MODEL_OPTIONS, {"flop_target": 0.40}, "model")
+    add_options(p, TrainConfig, TRAIN_OPTIONS,
+                {"epochs": 60, "patience": 10, "mask_seen": True,
+                 "warmup_epochs": 10}, "training")
     p.add_argument("--models", nargs="+", default=["dense", "canet"],
                    choices=["dense", "canet"])
-    p.add_argument("--patience", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=1)
-    p.add_argument("--no-mask-seen", action="store_true",
-                   help="rank seen items too (default: seen items masked)")
     p.add_argument("--windows", action="store_true",
                    help="cut long training histories into several examples")
     p.add_argument("--limit-users", type=int, default=None, help="first N users (smoke runs)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-dense", action="store_true")
     p.add_argument("--run-dir", default=os.path.join(ROOT, "runs", "accuracy_real"))
     p.add_argument("--resume", action="store_true")
     p.add_argument("--out", default=os.path.join(ROOT, "results", "accuracy_real.json"))
-    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     return p.parse_args()
 
@@ -103,23 +74,14 @@ def main():
             ds.sequences, ds.users = ds.sequences[:a.limit_users], ds.users[:a.limit_users]
         print(ds.summary())
         split = D.leave_one_out(ds, a.max_len, windows=a.windows)
-        mcfg = CANetConfig(n_items=ds.n_items, max_len=a.max_len, emb_widths=a.emb_widths,
-                           hidden_widths=a.hidden_widths, depths=a.depths,
-                           num_heads=a.heads, dropout=a.dropout,
-                           flop_target=a.flop_target, budget_weight=a.budget_weight,
-                           residual_scale_init=a.residual_scale_init)
+        mcfg = from_options(CANetConfig, a, MODEL_OPTIONS, n_items=ds.n_items)
         runs = {}
         kinds = [k for k in a.models if not (a.skip_dense and k == "dense")]
         for kind in kinds:
-            tcfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                               seed=a.seed, patience=a.patience, eval_every=a.eval_every,
-                               mask_seen=not a.no_mask_seen, progress=not a.no_progress,
-                               calibrate_flops=not a.no_calibrate,
-                               spend_budget=a.spend_budget,
-                               warmup_epochs=a.warmup_epochs if kind == "canet" else 0,
-                               max_train_seconds=(a.max_train_minutes * 60
-                                                  if a.max_train_minutes else None),
-                               fixed_route=mcfg.max_route if kind == "dense" else None)
+            tcfg = from_options(TrainConfig, a, TRAIN_OPTIONS,
+                                fixed_route=mcfg.max_route if kind == "dense" else None)
+            if kind == "dense":
+                tcfg.warmup_epochs = 0
             out = os.path.join(a.run_dir, name, kind)
             resume = a.resume and os.path.exists(os.path.join(out, "last.safetensors"))
             print(f"--- {name}: {kind}")

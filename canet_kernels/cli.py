@@ -19,6 +19,7 @@ import torch
 from . import data as D
 from .metrics import format_metrics
 from .model import CANetConfig
+from .options import MODEL_OPTIONS, TRAIN_OPTIONS, add_options, from_options
 from .train import (TrainConfig, evaluate, flop_ratio, load_model, protocol,
                     route_distribution, time_inference, train)
 
@@ -74,64 +75,23 @@ def _load_data(args):
     return D.synthetic(args.synthetic_users, args.synthetic_items, args.data_seed)
 
 
-def _add_model_args(p, defaults=None):
-    d = defaults or {}
-    g = p.add_argument_group("model")
-    g.add_argument("--max-len", type=int, default=d.get("max_len", 50))
-    g.add_argument("--emb-widths", type=_ints, default=d.get("emb_widths", (64, 96, 128)))
-    g.add_argument("--hidden-widths", type=_ints,
-                   default=d.get("hidden_widths", (64, 96, 128)))
-    g.add_argument("--depths", type=_ints, default=d.get("depths", (2, 4, 6, 8)))
-    g.add_argument("--heads", type=int, default=d.get("heads", 4))
-    g.add_argument("--dropout", type=float, default=d.get("dropout", 0.2))
-    g.add_argument("--flop-target", type=float, default=d.get("flop_target", 0.45),
-                   help="target mean FLOP ratio (routed / max route); <= 0 disables")
-    g.add_argument("--budget-weight", type=float, default=d.get("budget_weight", 1.0))
-    g.add_argument("--guide-weight", type=float, default=d.get("guide_weight", 0.01))
-    g.add_argument("--uniform-weight", type=float, default=d.get("uniform_weight", 0.01))
-    g.add_argument("--residual-scale-init", type=float,
-                   default=d.get("residual_scale_init", 1e-8),
-                   help="learnable scale on each sublayer output, initialised to this "
-                        "(lets deep routes train); <= 0: plain post-LN")
+def _add_model_args(p, overrides=None):
+    add_options(p, CANetConfig, MODEL_OPTIONS, overrides, "model")
 
 
 def _model_cfg(args, n_items):
-    return CANetConfig(
-        n_items=n_items, max_len=args.max_len, emb_widths=args.emb_widths,
-        hidden_widths=args.hidden_widths, depths=args.depths, num_heads=args.heads,
-        dropout=args.dropout,
-        flop_target=args.flop_target if args.flop_target and args.flop_target > 0 else None,
-        budget_weight=args.budget_weight, guide_weight=args.guide_weight,
-        uniform_weight=args.uniform_weight,
-        residual_scale_init=args.residual_scale_init)
+    return from_options(CANetConfig, args, MODEL_OPTIONS, n_items=n_items)
 
 
-def _add_train_args(p, defaults=None):
-    d = defaults or {}
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=d.get("epochs", 20))
-    g.add_argument("--batch-size", type=int, default=d.get("batch_size", 128))
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--path", choices=("routed", "masked"), default="routed",
-                   help="routed: canet ops on a route-sorted packed batch; "
-                        "masked: full width with masks (the paper's formulation)")
+def _add_train_args(p, overrides=None):
+    g = add_options(p, TrainConfig, TRAIN_OPTIONS, overrides, "training")
     g.add_argument("--dense", action="store_true",
                    help="train the max route only (the dense baseline)")
-    g.add_argument("--eval-every", type=int, default=1)
-    g.add_argument("--patience", type=int, default=None)
-    g.add_argument("--mask-seen", action="store_true",
-                   help="mask each user's seen items when ranking")
-    g.add_argument("--no-progress", action="store_true")
 
 
 def _train_cfg(args, model_cfg):
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       weight_decay=args.weight_decay, seed=args.seed, path=args.path,
-                       fixed_route=model_cfg.max_route if args.dense else None,
-                       eval_every=args.eval_every, patience=args.patience,
-                       mask_seen=args.mask_seen, progress=not args.no_progress)
+    return from_options(TrainConfig, args, TRAIN_OPTIONS,
+                        fixed_route=model_cfg.max_route if args.dense else None)
 
 
 def _print_results(res):
@@ -363,12 +323,11 @@ def build_parser():
     d.add_argument("--data-seed", type=int, default=0)
     d.add_argument("--out", default=None, help="also keep the run's checkpoints here")
     d.add_argument("--eval-batch-size", type=int, default=256)
-    _add_model_args(d, {"max_len": 50, "emb_widths": (32, 48, 64),
-                        "hidden_widths": (32, 48, 64), "depths": (1, 2, 3, 4),
-                        "dropout": 0.1, "flop_target": 0.45, "guide_weight": 0.1})
+    _add_model_args(d, {"emb_widths": (32, 48, 64), "hidden_widths": (32, 48, 64),
+                        "depths": (1, 2, 3, 4), "dropout": 0.1, "guide_weight": 0.1})
     d.add_argument("--compare-dense", action="store_true",
                    help="also train the dense max-route model and print its accuracy")
-    _add_train_args(d, {"epochs": 20, "batch_size": 64})
+    _add_train_args(d, {"batch_size": 64})
     d.set_defaults(func=cmd_demo)
     for sp in (t, e, r, c, d):
         sp.add_argument("--threads", type=int, default=None,

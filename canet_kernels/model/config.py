@@ -40,6 +40,8 @@ class CANetConfig:
     def __post_init__(self):
         if self.residual_scale_init is not None and self.residual_scale_init <= 0:
             self.residual_scale_init = None  # <= 0 means plain post-LN
+        if self.flop_target is not None and self.flop_target <= 0:
+            self.flop_target = None          # <= 0 means no budget
         self.emb_widths = tuple(sorted(int(v) for v in self.emb_widths))
         self.hidden_widths = tuple(sorted(int(v) for v in self.hidden_widths))
         self.depths = tuple(sorted(int(v) for v in self.depths))
@@ -55,7 +57,7 @@ class CANetConfig:
             raise ValueError("router_width must be divisible by router_heads")
         if min(self.depths) < 1:
             raise ValueError("depths must be >= 1")
-        if self.flop_target is not None and not 0 < self.flop_target <= 1:
+        if self.flop_target is not None and self.flop_target > 1:
             raise ValueError(f"flop_target must be in (0, 1], got {self.flop_target}")
 
     # -- routes --------------------------------------------------------------

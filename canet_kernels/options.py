@@ -1,0 +1,98 @@
+"""Command-line options made from the config dataclasses, so the `canet`
+command, the benchmark scripts and the integrations share one set of
+defaults: the field defaults of CANetConfig and TrainConfig.
+
+    add_options(parser, CANetConfig, MODEL_OPTIONS)      # --max-len, --depths, ...
+    cfg = from_options(CANetConfig, args, MODEL_OPTIONS, n_items=n)
+
+A caller that deliberately runs other settings (an experiment protocol)
+passes them as `overrides`, visible in its --help.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, fields
+
+MODEL_OPTIONS = ("max_len", "emb_widths", "hidden_widths", "depths", "num_heads",
+                 "dropout", "flop_target", "budget_weight", "guide_weight",
+                 "uniform_weight", "residual_scale_init", "tie_embeddings")
+TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "path",
+                 "eval_every", "patience", "mask_seen", "calibrate_flops",
+                 "spend_budget", "warmup_epochs", "max_train_seconds", "progress")
+
+HELP = {
+    "emb_widths": "embedding widths of the routing space (comma-separated)",
+    "hidden_widths": "hidden widths of the routing space (comma-separated)",
+    "depths": "depths of the routing space (comma-separated)",
+    "flop_target": "target mean FLOP ratio (routed / max route); <= 0 disables",
+    "residual_scale_init": "learnable scale on each sublayer output, initialised to "
+                           "this (lets deep routes train); <= 0: plain post-LN",
+    "tie_embeddings": "score items against the input item table",
+    "path": "routed: canet ops on a route-sorted packed batch; masked: full width "
+            "with masks (the paper's formulation)",
+    "patience": "evaluations without improvement before stopping (default: none)",
+    "mask_seen": "mask each user's seen items when ranking",
+    "calibrate_flops": "before each evaluation, set the inference cost bias on "
+                       "validation users so the routes meet --flop-target",
+    "spend_budget": "calibration also lifts routes below --flop-target up to it",
+    "warmup_epochs": "epochs of sandwich supernet training before the router trains",
+    "max_train_seconds": "stop after the epoch that brings training time past this",
+    "progress": "progress bars",
+}
+ALIASES = {"num_heads": ("--heads",)}
+CHOICES = {"path": ("routed", "masked")}
+
+
+def _ints(s):
+    return tuple(int(v) for v in s.replace(" ", "").split(",") if v)
+
+
+def _optional(kind):
+    def parse(s):
+        return None if s.lower() == "none" else kind(s)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _kind(f):
+    """Python type of a dataclass field from its (string) annotation."""
+    t = str(f.type).replace(" ", "")
+    base = t.replace("|None", "").replace("None|", "")
+    kind = {"int": int, "float": float, "str": str, "bool": bool, "tuple": tuple}[base]
+    return kind, "None" in t
+
+
+def add_options(parser, cls, names, overrides=None, title=None):
+    """One `--field-name` option per field in `names`, default = the field's
+    default (or `overrides[name]`)."""
+    overrides = overrides or {}
+    g = parser.add_argument_group(title) if title else parser
+    by_name = {f.name: f for f in fields(cls)}
+    for name in names:
+        f = by_name[name]
+        default = overrides.get(name, f.default)
+        if default is MISSING:
+            raise ValueError(f"{cls.__name__}.{name} has no default")
+        kind, optional = _kind(f)
+        flags = ("--" + name.replace("_", "-"),) + ALIASES.get(name, ())
+        kw = dict(dest=name, default=default, help=HELP.get(name))
+        if kind is bool:
+            g.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if kind is tuple:
+            kw.update(type=_ints, metavar="A,B,...")
+        else:
+            kw.update(type=_optional(kind) if optional else kind)
+        if name in CHOICES:
+            kw["choices"] = CHOICES[name]
+        if kw["help"] is not None:
+            kw["help"] += " (default: %(default)s)"
+        else:
+            kw["help"] = "default: %(default)s"
+        g.add_argument(*flags, **kw)
+    return g
+
+
+def from_options(cls, args, names, **extra):
+    """cls(**{name: args.name for name in names}, **extra)."""
+    return cls(**{n: getattr(args, n) for n in names}, **extra)
