@@ -270,3 +270,14 @@ def test_calibrate_takes_any_batches():
     ratio = enc.route_ratio[enc(items, lengths).route_ids].mean()
     assert float(ratio) <= 0.3 + 1e-9
     assert c == float(enc.cost_bias)
+
+
+def test_readme_module_example_runs():
+    import os
+    import re
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+              if "canet_kernels.modules import" in b]
+    assert blocks, "README lost its module example"
+    for b in blocks:
+        exec(compile(b, "README.md", "exec"), {})
