@@ -179,6 +179,14 @@ def cmd_route_stats(args):
     res = evaluate(model, es, (10,), False, args.batch_size)
     print(f"{args.split} users: {len(es)}")
     print(route_table(model.cfg, res["route_counts"]))
+    if args.json:
+        # the form benchmarks read (providers.load_route_mix)
+        mc = model.cfg
+        with open(args.json, "w") as f:
+            json.dump({"route_counts": res["route_counts"], "flop_ratio": res["flop_ratio"],
+                       "config": {"emb_widths": list(mc.emb_widths),
+                                  "hidden_widths": list(mc.hidden_widths),
+                                  "depths": list(mc.depths)}}, f, indent=2)
     return 0
 
 
@@ -306,6 +314,7 @@ def build_parser():
     _add_format_args(r)
     r.add_argument("--split", choices=("valid", "test"), default="test")
     r.add_argument("--batch-size", type=int, default=256)
+    r.add_argument("--json", help="also write the route counts to this file")
     r.set_defaults(func=cmd_route_stats)
 
     c = sub.add_parser("recommend", help="top-k items for given sequences")

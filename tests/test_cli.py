@@ -75,8 +75,13 @@ def test_eval_route_stats_recommend(trained, capsys):
         res = json.load(f)
     line = [l for l in out.splitlines() if l.startswith("test:")][0]
     assert f"ndcg@10 {res['test']['ndcg@10']:.4f}" in line
-    rc, out, _ = run_cli(["route-stats", "--ckpt", trained], capsys)
+    js = os.path.join(trained, "routes.json")
+    rc, out, _ = run_cli(["route-stats", "--ckpt", trained, "--json", js], capsys)
     assert rc == 0 and "mean FLOP ratio" in out and "route  emb" in out
+    with open(js) as f:
+        routes = json.load(f)
+    assert routes["route_counts"] == res["test"]["route_counts"]
+    assert f"mean FLOP ratio {routes['flop_ratio']:.3f}" in out
     rc, out, _ = run_cli(["recommend", "--ckpt", trained, "--seq", "1 2 3",
                           "--seq", "40 41", "-k", "5", "--json", "--mask-seen"], capsys)
     assert rc == 0
