@@ -7,7 +7,7 @@ official masked formulation, on one batch of uniformly random routes.
 Every provider runs the same weights on the same batch; canet's output is
 checked against the masked formulation's before anything is timed. Timing is
 interleaved round-robin; medians and quartiles are printed. FLOPs: see
-benchmarks/flops.py (causal attention counts n (n + 1) / 2 score pairs, for
+canet_kernels/flops.py (causal attention counts n (n + 1) / 2 score pairs, for
 dense and routed alike).
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from benchmarks import flops as FL  # noqa: E402
 from benchmarks import providers as P  # noqa: E402
 from benchmarks import timing  # noqa: E402
+from canet_kernels import flops as FL  # noqa: E402
 
 
 def parse(argv=None):
@@ -37,7 +37,7 @@ def parse(argv=None):
                     help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--providers", default="canet-cpu,dense,masked",
                     help="comma list; also: loop, bucket, proto (a prototype of "
-                         "faster attention/LayerNorm kernels, see Proto)")
+                         "faster attention/LayerNorm kernels, see ProtoOps)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--width-bound", action="store_true",
@@ -46,46 +46,42 @@ def parse(argv=None):
     return ap.parse_args(argv)
 
 
-class Proto(P.Canet):
-    """Prototype, not a library path: canet's route plan and sliced_ffn, but
+class ProtoOps:
+    """Prototype, not a library path: the ops object of the `proto` provider
+    (canet's layer and route plan through P.Canet): canet's sliced_ffn, but
     the attention core through F.scaled_dot_product_attention and LayerNorm
     through F.layer_norm, one call per run of equal-width samples. Shows what
     the C++ attention and LayerNorm kernels leave on the table."""
 
-    def __init__(self):
-        super().__init__("proto")
+    sliced_ffn = staticmethod(P.CF.sliced_ffn)
 
-    def forward(self, W, batch):
-        H, ratio = W["heads"], W["ratio"]
-        plan = P.plan_routes(batch.lengths, batch.widths, batch.depths,
-                             num_layers=len(W["layers"]))
-        rows = P._flat_token_index(batch, plan.order)
-        h = batch.x.reshape(-1, batch.x.shape[-1]).index_select(0, rows)
-        cu = plan.cu_seqlens.tolist()
-        widths, lens = plan.widths.tolist(), plan.lengths.tolist()
+    @staticmethod
+    def _runs(cu, widths):
+        """(row0, row1, width, lengths) per run of equal widths."""
+        cu, widths = cu.tolist(), widths.tolist()
+        runs, s = [], 0
+        while s < len(widths):
+            e = s
+            while e < len(widths) and widths[e] == widths[s]:
+                e += 1
+            runs.append((cu[s], cu[e], widths[s],
+                         [b - a for a, b in zip(cu[s:e], cu[s + 1:e + 1])]))
+            s = e
+        return runs
 
-        def run(p, h, cu_t, w_t):
-            b_l = w_t.shape[0]
-            runs, s = [], 0
-            while s < b_l:
-                e = s
-                while e < b_l and widths[e] == widths[s]:
-                    e += 1
-                runs.append((cu[s], cu[e], widths[s], lens[s:e]))
-                s = e
-            a = torch.zeros_like(h)
-            for r0, r1, w, ls in runs:
-                a[r0:r1, :w] = P.Bucket._attention(h[r0:r1, :w], p, w, H, ls)
-            h1 = torch.zeros_like(h)
-            for r0, r1, w, _ in runs:
-                h1[r0:r1, :w] = P.add_ln(a[r0:r1, :w], h[r0:r1, :w], p, "ln1", w)
-            f = P.CF.sliced_ffn(h1, cu_t, w_t, p["w1"], p["b1"], p["w2"], p["b2"], ratio)
-            h = torch.zeros_like(h1)
-            for r0, r1, w, _ in runs:
-                h[r0:r1, :w] = P.add_ln(f[r0:r1, :w], h1[r0:r1, :w], p, "ln2", w)
-            return h
+    def sliced_attention(self, x, cu, widths, w_qkv, b_qkv, w_o, b_o, heads, causal=True):
+        p = dict(w_qkv=w_qkv, b_qkv=b_qkv, w_o=w_o, b_o=b_o)
+        out = torch.zeros_like(x)
+        for r0, r1, w, lens in self._runs(cu, widths):
+            out[r0:r1, :w] = P.Bucket._attention(x[r0:r1, :w], p, w, heads, lens)
+        return out
 
-        return P.run_layers(plan, h, W["layers"], run), plan
+    def sliced_add_layernorm(self, x, res, cu, widths, weight, bias, eps=P.EPS):
+        out = torch.zeros_like(x)
+        for r0, r1, w, _ in self._runs(cu, widths):
+            out[r0:r1, :w] = torch.nn.functional.layer_norm(
+                x[r0:r1, :w] + res[r0:r1, :w], (w,), weight[:w], bias[:w], eps)
+        return out
 
 
 def width_bound(W, widths, depths, seq_len, rounds):
@@ -139,7 +135,7 @@ def main(argv=None):
         print(f"skipping {n}: {why}")
     diff = verify(W, batch, P.Canet(), P.Masked())
     if "proto" in names:
-        provs["proto"] = Proto()
+        provs["proto"] = P.Canet("proto", ProtoOps())
         d2 = verify(W, batch, provs["proto"], P.Masked())
         print(f"check: proto == masked (max abs diff {d2:.2e})")
     print(f"check: canet-cpu == masked on every real token (max abs diff {diff:.2e})")

@@ -15,11 +15,15 @@ Scenarios (forward unless said):
 Forward scenarios are timed eager and replayed from CUDA graphs (both models
 captured alike): the graph figures show the kernels without Python's launch
 overhead.
-Per layer the routed stack runs sliced_attention -> sliced_add_layernorm
-(residual) -> sliced_ffn -> sliced_add_layernorm (residual) on the route
-plan's prefix views; the dense model runs F.linear + scaled_dot_product_attention
-+ F.layer_norm at width 128 on every layer, all samples padded. Providers are
-timed interleaved; medians with 20/80 percentiles.
+The routed stack is canet's layer (functional.routed_layer: sliced_attention
+-> sliced_add_layernorm -> sliced_ffn -> sliced_add_layernorm) on the route
+plan's prefix views, providers.routed_stack: forward through the Triton
+launchers (ops.KernelOps, nothing saved), training through torch.ops.canet
+served by Triton (register(force=True)). The dense model is providers'
+dense_stack (F.linear + scaled_dot_product_attention + F.layer_norm at width
+128 on every layer, all samples padded), on the same weights and batch
+(providers.make_weights / make_batch). Providers are timed interleaved
+(benchmarks/timing.py): medians and quartiles. FLOPs: canet_kernels/flops.py.
 """
 from __future__ import annotations
 
@@ -27,165 +31,43 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-HEADS, RATIO, EPS = 4, 4, 1e-5
+import torch  # noqa: E402
+
+HEADS, RATIO = 4, 4
+
+# benchmarks.providers (and canet_kernels) are imported inside the functions:
+# on a CUDA machine importing canet_kernels imports triton, which must come
+# after --smoke has set TRITON_INTERPRET.
 
 
 # ------------------------------------------------------------------ setup --
 
-def make_weights(D, layers, dtype, device, grad=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape, scale=1.0, shift=0.0):
-        t = torch.randn(*shape, generator=g) * scale + shift
-        return t.to(dtype=dtype, device=device).requires_grad_(grad)
-
-    return [dict(w_qkv=r(3, D, D, scale=D ** -0.5), b_qkv=r(3, D, scale=0.02),
-                 w_o=r(D, D, scale=D ** -0.5), b_o=r(D, scale=0.02),
-                 ln1_w=r(D, scale=0.05, shift=1.0), ln1_b=r(D, scale=0.02),
-                 w1=r(RATIO * D, D, scale=D ** -0.5), b1=r(RATIO * D, scale=0.02),
-                 w2=r(D, RATIO * D, scale=(RATIO * D) ** -0.5), b2=r(D, scale=0.02),
-                 ln2_w=r(D, scale=0.05, shift=1.0), ln2_b=r(D, scale=0.02))
-            for _ in range(layers)]
-
-
 def make_batch(B, L, widths, depths, D, dtype, device, seed=0):
-    """Route plan and inputs of B samples of L tokens; routes drawn uniformly
-    from `widths` x `depths` (single values give one route)."""
-    from canet_kernels.routing import plan_routes
-    g = torch.Generator().manual_seed(seed)
-    w = torch.tensor(widths)[torch.randint(len(widths), (B,), generator=g)]
-    d = torch.tensor(depths)[torch.randint(len(depths), (B,), generator=g)]
-    lengths = torch.full((B,), L)
-    plan = plan_routes(lengths.to(device), w.to(device), d.to(device), num_layers=max(depths))
-    T = int(lengths.sum())
-    x = torch.randn(T, D, generator=g).to(dtype=dtype, device=device)
-    dense_x = torch.randn(B, L, D, generator=g).to(dtype=dtype, device=device)
-    return dict(plan=plan, x=x, dense_x=dense_x, widths=w, depths=d, L=L, B=B)
+    """B samples of L tokens, routes drawn uniformly from `widths` x `depths`
+    (single values give one route): the padded batch (providers.Batch), its
+    route plan and its packed rows in plan order."""
+    from benchmarks import providers as P
+    from canet_kernels.routing import gather_tokens, plan_routes
+    w, d = P.sample_routes(B, {(a, b): 1.0 for a in widths for b in depths}, seed=seed)
+    batch = P.make_batch(w, d, L, D, dtype=dtype, device=device, seed=seed)
+    plan = plan_routes(batch.lengths, batch.widths, batch.depths, num_layers=max(depths))
+    return dict(batch=batch, plan=plan, x=gather_tokens(batch.x, batch.lengths, plan))
 
 
-def flops_layer(n, d):
-    """Forward FLOPs of one layer on one sample of n tokens at width d
-    (projections, causal attention, FFN; multiply-add = 2)."""
-    proj = 2 * n * d * 4 * d
-    attn = 2 * 2 * d * n * (n + 1) / 2
-    ffn = 2 * 2 * n * d * RATIO * d
-    return proj + attn + ffn
-
-
-def routed_flop_ratio(batch, D, layers):
-    routed = sum(int(dep) * flops_layer(batch["L"], int(w))
-                 for w, dep in zip(batch["widths"], batch["depths"]))
-    return routed / (batch["B"] * layers * flops_layer(batch["L"], D))
-
-
-# ---------------------------------------------------------------- models --
-
-class TritonOps:
-    """The four ops, forward only (inference: nothing saved for backward),
-    straight from the Triton launchers."""
-
-    def __init__(self, kt):
-        self.kt = kt
-
-    def attention(self, x, cu, w, p):
-        return self.kt.sliced_attention_fwd(x, cu, w, p["w_qkv"], p["b_qkv"], p["w_o"],
-                                            p["b_o"], HEADS, True, False)[0]
-
-    def ffn(self, x, cu, w, p):
-        return self.kt.sliced_ffn_fwd(x, cu, w, p["w1"], p["b1"], p["w2"], p["b2"], RATIO,
-                                      False)[0]
-
-    def add_ln(self, x, res, cu, w, weight, bias):
-        return self.kt.sliced_add_layernorm_fwd(x, res, cu, w, weight, bias, EPS)[0]
-
-
-class DispatchOps:
-    """The public torch.ops.canet ops (autograd), served by Triton after
-    register(force=True)."""
-
-    def __init__(self):
-        self.op = torch.ops.canet
-
-    def attention(self, x, cu, w, p):
-        return self.op.sliced_attention(x, cu, w, p["w_qkv"], p["b_qkv"], p["w_o"], p["b_o"],
-                                        HEADS, True)
-
-    def ffn(self, x, cu, w, p):
-        return self.op.sliced_ffn(x, cu, w, p["w1"], p["b1"], p["w2"], p["b2"], RATIO)
-
-    def add_ln(self, x, res, cu, w, weight, bias):
-        return self.op.sliced_add_layernorm(x, res, cu, w, weight, bias, EPS)
-
-
-def routed_forward(ops, x, plan, weights):
-    """The routed stack: layer l runs on the prefix of samples deeper than l;
-    rows of samples that stop are set aside and merged back at the end."""
-    from canet_kernels.routing import run_layers
-
-    def run(p, h, cu, w):
-        a = ops.attention(h, cu, w, p)
-        h = ops.add_ln(a, h, cu, w, p["ln1_w"], p["ln1_b"])
-        f = ops.ffn(h, cu, w, p)
-        return ops.add_ln(f, h, cu, w, p["ln2_w"], p["ln2_b"])
-
-    return run_layers(plan, x, weights, run)
-
-
-def dense_forward(x, weights):
-    """The dense max-size model: every sample at full width and depth."""
-    B, L, D = x.shape
-    hd = D // HEADS
-    for p in weights:
-        qkv = F.linear(x, p["w_qkv"].reshape(3 * D, D), p["b_qkv"].reshape(3 * D))
-        q, k, v = qkv.view(B, L, 3, HEADS, hd).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        a = F.linear(a.transpose(1, 2).reshape(B, L, D), p["w_o"], p["b_o"])
-        h = F.layer_norm(a + x, (D,), p["ln1_w"], p["ln1_b"], EPS)
-        f = F.linear(F.gelu(F.linear(h, p["w1"], p["b1"])), p["w2"], p["b2"])
-        x = F.layer_norm(f + h, (D,), p["ln2_w"], p["ln2_b"], EPS)
-    return x
+def routed_flop_ratio(batch, layers):
+    from canet_kernels import flops as FL
+    b = batch["batch"]
+    return (FL.backbone_flops(b.lengths, b.widths, b.depths, RATIO)
+            / FL.dense_flops(b.B, b.L, b.x.shape[-1], layers, RATIO))
 
 
 # ---------------------------------------------------------------- timing --
-
-def time_interleaved(fns, reps, warmup, device):
-    """Median and 20/80 percentiles (ms) per provider; one call of each per
-    round, providers taken in turn so drifts hit all alike."""
-    cuda = device.type == "cuda"
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    if cuda:
-        torch.cuda.synchronize()
-    samples = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(reps):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fns[name]()
-                end.record()
-                end.synchronize()
-                samples[name].append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fns[name]()
-                samples[name].append((time.perf_counter() - t0) * 1e3)
-    out = {}
-    for name, s in samples.items():
-        s = sorted(s)
-        q = (lambda f: s[min(len(s) - 1, int(f * len(s)))])  # noqa: E731
-        out[name] = dict(median_ms=statistics.median(s), p20_ms=q(0.2), p80_ms=q(0.8), n=len(s))
-    return out
-
 
 def cuda_graph(fn):
     """A replay function for fn captured in a CUDA graph (fn reads fixed
@@ -204,25 +86,29 @@ def cuda_graph(fn):
 
 # ------------------------------------------------------------- scenarios --
 
-def forward_scenario(name, cfg, batch, weights, dense_weights, kt, device, graphs):
-    plan = batch["plan"]
-    ops = TritonOps(kt)
+def forward_scenario(name, cfg, batch, W, kt, device, graphs):
+    from benchmarks import providers as P
+    from benchmarks import timing
+    from canet_kernels.ops import KernelOps
+    plan, b = batch["plan"], batch["batch"]
+    ops = KernelOps(kt.KERNELS)
     fns = {
-        "routed": lambda: routed_forward(ops, batch["x"], plan, weights),
-        "dense": lambda: dense_forward(batch["dense_x"], dense_weights),
+        "routed": lambda: P.routed_stack(ops, plan, batch["x"], W),
+        "dense": lambda: P.dense_stack(b.x, W),
     }
     errors = {}
-    if graphs:
-        for key in ("routed", "dense"):
-            try:
-                fns[key + "_graph"] = cuda_graph(fns[key])
-            except Exception as exc:  # noqa: BLE001  reported, not fatal
-                errors[key + "_graph"] = f"{type(exc).__name__}: {exc}"
     with torch.no_grad():
-        res = time_interleaved(fns, cfg["reps"], cfg["warmup"], device)
+        if graphs:
+            for key in ("routed", "dense"):
+                try:
+                    fns[key + "_graph"] = cuda_graph(fns[key])
+                except Exception as exc:  # noqa: BLE001  reported, not fatal
+                    errors[key + "_graph"] = f"{type(exc).__name__}: {exc}"
+        res = timing.interleaved(fns, rounds=cfg["reps"], warmup=cfg["warmup"],
+                                 device=device)
     ratio = res["routed"]["median_ms"] / res["dense"]["median_ms"]
-    out = dict(B=batch["B"], L=batch["L"], providers=res, routed_over_dense=ratio,
-               routed_flop_ratio=routed_flop_ratio(batch, cfg["D"], cfg["layers"]))
+    out = dict(B=b.B, L=b.L, providers=res, routed_over_dense=ratio,
+               routed_flop_ratio=routed_flop_ratio(batch, cfg["layers"]))
     if "routed_graph" in res and "dense_graph" in res:
         out["graph_routed_over_dense"] = (res["routed_graph"]["median_ms"]
                                           / res["dense_graph"]["median_ms"])
@@ -231,28 +117,31 @@ def forward_scenario(name, cfg, batch, weights, dense_weights, kt, device, graph
     return out
 
 
-def training_scenario(cfg, batch, weights, dense_weights, device):
-    plan = batch["plan"]
-    ops = DispatchOps()
+def training_scenario(cfg, batch, W, device):
+    """Forward + backward; the routed stack through torch.ops.canet (the
+    public ops and their autograd, served by Triton after register(force=True))."""
+    from benchmarks import providers as P
+    from benchmarks import timing
+    plan, b = batch["plan"], batch["batch"]
     x = batch["x"].detach().requires_grad_()
-    dx = batch["dense_x"].detach().requires_grad_()
+    dx = b.x.detach().requires_grad_()
     g = torch.randn_like(x)
     dg = torch.randn_like(dx)
-    params = [t for p in weights for t in p.values()]
-    dparams = [t for p in dense_weights for t in p.values()]
+    params = P.weight_tensors(W)
 
     def routed():
-        y = routed_forward(ops, x, plan, weights)
+        y = P.routed_stack(P.CF, plan, x, W)
         torch.autograd.grad(y, [x] + params, g, allow_unused=True)
 
     def dense():
-        y = dense_forward(dx, dense_weights)
-        torch.autograd.grad(y, [dx] + dparams, dg)
+        y = P.dense_stack(dx, W)
+        torch.autograd.grad(y, [dx] + params, dg)
 
-    res = time_interleaved(dict(routed=routed, dense=dense), cfg["reps"], cfg["warmup"], device)
-    return dict(B=batch["B"], L=batch["L"], providers=res,
+    res = timing.interleaved(dict(routed=routed, dense=dense), rounds=cfg["reps"],
+                             warmup=cfg["warmup"], device=device)
+    return dict(B=b.B, L=b.L, providers=res,
                 routed_over_dense=res["routed"]["median_ms"] / res["dense"]["median_ms"],
-                routed_flop_ratio=routed_flop_ratio(batch, cfg["D"], cfg["layers"]))
+                routed_flop_ratio=routed_flop_ratio(batch, cfg["layers"]))
 
 
 def kernel_profile(fns, top=12):
@@ -322,6 +211,7 @@ def main(argv=None):
 
     import canet_kernels  # noqa: F401  registers the ops
     import canet_kernels.triton as kt
+    from benchmarks import providers as P
     kt.register(force=True)
     blocks = {}
     if args.blocks:
@@ -335,8 +225,8 @@ def main(argv=None):
             torch.library.register_kernel(f"canet::{name}", "cpu", fn)
 
     D, layers, dtype = cfg["D"], cfg["layers"], cfg["dtype"]
-    weights = make_weights(D, layers, dtype, device)
-    grad_weights = make_weights(D, layers, dtype, device, grad=True)
+    weights = P.make_weights(D, layers, RATIO, HEADS, dtype=dtype, device=device)
+    grad_weights = P.trainable(weights)
     meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else
                 f"cpu ({platform.processor() or platform.machine()}, triton interpreter)",
                 torch=torch.__version__, triton=triton.__version__, dtype=str(dtype),
@@ -349,9 +239,9 @@ def main(argv=None):
         batch = make_batch(B, L, widths, depths, D, dtype, device, seed=len(results))
         t0 = time.perf_counter()
         if name == "training":
-            res = training_scenario(cfg, batch, grad_weights, grad_weights, device)
+            res = training_scenario(cfg, batch, grad_weights, device)
         else:
-            res = forward_scenario(name, cfg, batch, weights, weights, kt, device,
+            res = forward_scenario(name, cfg, batch, weights, kt, device,
                                    graphs=device.type == "cuda")
         res["wall_s"] = time.perf_counter() - t0
         results[name] = res
@@ -366,11 +256,12 @@ def main(argv=None):
     if args.profile and device.type == "cuda":
         B, L, widths, depths = cfg["scenarios"]["mixed"]
         batch = make_batch(B, L, widths, depths, D, dtype, device)
-        ops = TritonOps(kt)
+        from canet_kernels.ops import KernelOps
+        ops = KernelOps(kt.KERNELS)
         with torch.no_grad():
             results["profile"] = kernel_profile(dict(
-                routed=lambda: routed_forward(ops, batch["x"], batch["plan"], weights),
-                dense=lambda: dense_forward(batch["dense_x"], weights)))
+                routed=lambda: P.routed_stack(ops, batch["plan"], batch["x"], weights),
+                dense=lambda: P.dense_stack(batch["batch"].x, weights)))
     if "max_route" in results:
         results["max_route"]["target"] = "routed/dense <= 1.05"
         results["max_route"]["meets_target"] = results["max_route"]["routed_over_dense"] <= 1.05

@@ -12,17 +12,21 @@ it to [B, L, D] with `padded` for comparisons.
 
   dense        the max-size stack (width D, every layer) in plain PyTorch:
                F.linear, F.scaled_dot_product_attention(is_causal), F.layer_norm
-  masked       the official CANet formulation: full width and every layer for
-               every sample; outputs zero-masked beyond each width, per-head
-               feature masks (head dim w/h), rows frozen past each depth
+  masked       the official CANet formulation (canet_kernels.functional's
+               masked_layer): full width and every layer for every sample;
+               outputs zero-masked beyond each width, per-head feature masks
+               (head dim w/h), rows frozen past each depth
   loop         one padded sub-batch per route (width, depth), sliced weights
   bucket       sort by route once, then one plain-PyTorch call per width
                bucket and op on packed rows (attention padded per bucket)
-  canet-cpu    canet's ops on a route plan: route-sorted packed batch, layer
-               l on the active prefix (routing.run_layers)
+  canet-cpu    canet's layer (functional.routed_layer) on a route plan:
+               route-sorted packed batch, layer l on the active prefix
+               (routing.run_layers)
   canet-cuda   the same on CUDA tensors through torch.ops.canet (CUDA C++
                kernels where built, Triton for the rest)
   canet-triton the same through the canet_kernels.triton launchers
+               (ops.KernelOps: torch.ops.canet's autograd, whatever kernels
+               the dispatcher serves)
   reference    the same with canet_kernels.reference (slow; tests only)
 
 Right padding makes causal attention exact for real tokens: a real token
@@ -30,7 +34,6 @@ never sees a padded one, so the padded providers need no key mask.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from dataclasses import dataclass
@@ -42,7 +45,8 @@ import torch.nn.functional as F
 import canet_kernels  # noqa: F401  registers torch.ops.canet
 from canet_kernels import functional as CF
 from canet_kernels import reference as REF
-from canet_kernels.routing import plan_routes, run_layers
+from canet_kernels.routing import (gather_tokens, plan_routes, run_layers,
+                                   run_masked_layers, token_index)
 
 EPS = 1e-5
 WIDTHS = (64, 96, 128)
@@ -123,48 +127,31 @@ DEFAULT_TRAINED_MIX = {
 MIXES = ("uniform", "all-max", "all-min", "trained")
 
 
-def _route_table_text(text: str) -> dict:
-    """Rows `route emb hidden depth flop-ratio users share` of the table
-    `canet route-stats` prints."""
-    mix: dict = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 7 and parts[0].isdigit():
-            key = (int(parts[2]), int(parts[3]))
-            mix[key] = mix.get(key, 0.0) + float(parts[5])
-    return mix
-
-
 def load_route_mix(path: str) -> dict:
     """A route distribution {(width, depth): share} from a file.
 
     Accepted: JSON {"routes": [{"hidden": d, "depth": L, "share" | "users": x},
     ...]} (embedding widths are summed out); JSON {"route_counts": [...]}
     indexed like CANetConfig.routes() (emb x hidden x depth, the paper's
-    sets unless a "config" entry says otherwise), as `evaluate` returns it;
-    or the text table `canet route-stats` prints, saved to a file.
+    sets unless a "config" entry says otherwise), as `evaluate` returns it.
     """
     with open(path) as f:
-        text = f.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = {"_table": _route_table_text(text)}
+        data = json.load(f)
     mix: dict = {}
-    if "_table" in data:
-        mix = data["_table"]
-    elif "routes" in data:
+    if "routes" in data:
         for r in data["routes"]:
             key = (int(r["hidden"]), int(r["depth"]))
             mix[key] = mix.get(key, 0.0) + float(r.get("share", r.get("users", 0)))
     elif "route_counts" in data:
         from canet_kernels.model.config import CANetConfig
         cfg = CANetConfig(n_items=1, **data.get("config", {}))
+        if len(data["route_counts"]) != cfg.num_routes:
+            raise ValueError(f"{path}: {len(data['route_counts'])} route counts for "
+                             f"{cfg.num_routes} routes (give the model's 'config')")
         for (e, d, L), c in zip(cfg.routes(), data["route_counts"]):
             mix[(d, L)] = mix.get((d, L), 0.0) + float(c)
     else:
-        raise ValueError(f"{path}: expected a 'routes' or 'route_counts' entry, or "
-                         "the table `canet route-stats` prints")
+        raise ValueError(f"{path}: expected a 'routes' or 'route_counts' entry")
     total = sum(mix.values())
     if total <= 0:
         raise ValueError(f"{path}: the route distribution is empty")
@@ -248,6 +235,21 @@ def padded_layer(x, p, w, heads, ratio):
     return add_ln(ffn(x, p, w, ratio), x, p, "ln2", w)
 
 
+def dense_stack(x, W):
+    """The max-size stack on a padded [B, L, D] batch: every layer at width D."""
+    for p in W["layers"]:
+        x = padded_layer(x, p, W["D"], W["heads"], W["ratio"])
+    return x
+
+
+def routed_stack(ops, plan, h, W):
+    """canet's routed stack on packed rows h [T, D] in `plan` order: layer l
+    (functional.routed_layer through `ops`) on the samples deeper than l."""
+    def layer(p, h, cu, w):
+        return CF.routed_layer(h, cu, w, p, W["heads"], W["ratio"], EPS, ops=ops)
+    return run_layers(plan, h, W["layers"], layer)
+
+
 # ------------------------------------------------------------- backbones --
 
 class Provider:
@@ -274,84 +276,17 @@ class Dense(Provider):
     name = "dense"
 
     def forward(self, W, batch):
-        x, D = batch.x, W["D"]
-        for p in W["layers"]:
-            x = padded_layer(x, p, D, W["heads"], W["ratio"])
-        return x
-
-
-def _head_masks(widths, heads, D, dtype):
-    """Per-sample feature masks [B, 1, D], per-head masks [B, H, 1, D] and
-    score scales [B, 1, 1, 1] of the masked formulation."""
-    dev = widths.device
-    feat = torch.arange(D, device=dev)
-    fmask = (feat[None, :] < widths[:, None]).to(dtype)[:, None, :]
-    hd = widths // heads
-    lo = torch.arange(heads, device=dev)[None, :, None] * hd[:, None, None]
-    hmask = ((feat >= lo) & (feat < lo + hd[:, None, None])).to(dtype)[:, :, None, :]
-    scale = hd.to(dtype).rsqrt()[:, None, None, None]
-    return fmask, hmask, scale
-
-
-def masked_layer_norm(x, fmask, width, weight, bias):
-    mean = (x * fmask).sum(-1, keepdim=True) / width
-    xc = (x - mean) * fmask
-    var = (xc * xc).sum(-1, keepdim=True) / width
-    return (xc * torch.rsqrt(var + EPS) * weight + bias) * fmask
-
-
-def masked_attention(h, p, fmask, hmask, scale, causal_mask):
-    """Attention sublayer of the masked formulation on [B, L, D]."""
-    D = h.shape[-1]
-    qkv = F.linear(h, p["w_qkv"].reshape(3 * D, D), p["b_qkv"].reshape(3 * D))
-    q, k, v = qkv.chunk(3, dim=-1)
-    q = q * fmask
-    # head i of sample b sees only its own w_b/H features of q and v
-    s = (q[:, None] * hmask) @ k[:, None].transpose(-1, -2) * scale      # [B, H, L, L]
-    s = s.masked_fill(causal_mask, float("-inf"))
-    pr = torch.softmax(s.float(), dim=-1).to(h.dtype)
-    ctx = (pr @ (v[:, None] * hmask)).sum(1)                             # [B, L, D]
-    return F.linear(ctx, p["w_o"], p["b_o"]) * fmask
-
-
-def masked_ffn(h, p, fmask, inner):
-    f = F.gelu(F.linear(h, p["w1"], p["b1"])) * inner
-    return F.linear(f, p["w2"], p["b2"]) * fmask
-
-
-def masked_layer(h, p, fmask, hmask, scale, inner, width, causal_mask):
-    """One layer of the masked formulation on [B, L, D]."""
-    a = masked_attention(h, p, fmask, hmask, scale, causal_mask)
-    h1 = masked_layer_norm(a + h, fmask, width, p["ln1_w"], p["ln1_b"])
-    f = masked_ffn(h1, p, fmask, inner)
-    return masked_layer_norm(f + h1, fmask, width, p["ln2_w"], p["ln2_b"])
-
-
-def masked_context(widths, heads, D, ratio, L, dtype):
-    """Everything the masked formulation derives from the routes."""
-    dev = widths.device
-    fmask, hmask, scale = _head_masks(widths, heads, D, dtype)
-    width = widths.to(dtype)[:, None, None]
-    inner = (torch.arange(ratio * D, device=dev)[None, :]
-             < ratio * widths[:, None]).to(dtype)[:, None, :]
-    pos = torch.arange(L, device=dev)
-    causal = pos[None, :] > pos[:, None]                                  # [L, L]
-    return SimpleNamespace(fmask=fmask, hmask=hmask, scale=scale, width=width,
-                           inner=inner, causal=causal)
+        return dense_stack(batch.x, W)
 
 
 class Masked(Provider):
     name = "masked"
 
     def forward(self, W, batch):
-        h = batch.x
-        m = masked_context(batch.widths, W["heads"], W["D"], W["ratio"], h.shape[1],
-                           h.dtype)
-        for l, p in enumerate(W["layers"]):
-            h2 = masked_layer(h, p, m.fmask, m.hmask, m.scale, m.inner, m.width,
-                              m.causal)
-            h = torch.where((batch.depths > l)[:, None, None], h2, h)
-        return h
+        m = CF.MaskedContext(batch.widths, W["heads"], W["D"], W["ratio"], batch.L,
+                             batch.x.dtype)
+        return run_masked_layers(batch.x, batch.depths, W["layers"],
+                                 lambda p, h: CF.masked_layer(h, p, m, EPS))
 
 
 class LoopRoutes(Provider):
@@ -385,15 +320,6 @@ class LoopRoutes(Provider):
         return sum(x.float().square().mean() for _, x in out)
 
 
-def _flat_token_index(batch: Batch, order: torch.Tensor) -> torch.Tensor:
-    """Rows of x.view(B * L, D) of the real tokens, samples in `order`."""
-    B, L, dev = batch.B, batch.L, batch.x.device
-    pos = torch.arange(L, device=dev)
-    keep = (pos[None, :] < batch.lengths[order][:, None])
-    flat = order[:, None] * L + pos[None, :]
-    return flat[keep]
-
-
 class Bucket(Provider):
     """Sort by (width, depth desc) once; each width bucket is a contiguous
     block of packed rows kept at its own width, and every op is one plain
@@ -415,7 +341,7 @@ class Bucket(Provider):
                 e += 1
             ids = order[s:e]
             idx = torch.tensor(ids, device=dev)
-            rows = _flat_token_index(batch, idx)
+            rows = token_index(batch.lengths, batch.L, order=idx)
             x = flat[:, :w].index_select(0, rows)                     # [T_w, w]
             lens = [lengths[i] for i in ids]
             cu = [0]
@@ -433,9 +359,7 @@ class Bucket(Provider):
         b, n = len(lens), max(lens)
         if all(v == n for v in lens):
             return padded_attention(x.view(b, n, w), p, w, heads).reshape(-1, w)
-        pos = torch.arange(n, device=x.device)
-        lt = torch.tensor(lens, device=x.device)
-        rows = (torch.arange(b, device=x.device)[:, None] * n + pos)[pos[None, :] < lt[:, None]]
+        rows = token_index(torch.tensor(lens, device=x.device), n)
         xp = x.new_zeros(b * n, w).index_copy(0, rows, x).view(b, n, w)
         return padded_attention(xp, p, w, heads).reshape(-1, w).index_select(0, rows)
 
@@ -464,7 +388,8 @@ class Bucket(Provider):
 
 
 class Canet(Provider):
-    """canet ops on a route plan; `ops` has the four op functions."""
+    """canet's layer on a route plan; `ops` has the op functions
+    functional.routed_layer calls (functional's signatures)."""
 
     def __init__(self, name="canet-cpu", ops=CF, kind="canet", device_type="cpu"):
         self.name, self.ops, self.kind, self.device_type = name, ops, kind, device_type
@@ -476,20 +401,10 @@ class Canet(Provider):
         return True, ""
 
     def forward(self, W, batch):
-        ops, H = self.ops, W["heads"]
         plan = plan_routes(batch.lengths, batch.widths, batch.depths,
                            num_layers=len(W["layers"]))
-        rows = _flat_token_index(batch, plan.order)
-        h = batch.x.reshape(-1, batch.x.shape[-1]).index_select(0, rows)   # [T, D]
-
-        def run(p, h, cu, w):
-            a = ops.sliced_attention(h, cu, w, p["w_qkv"], p["b_qkv"], p["w_o"],
-                                     p["b_o"], H, True)
-            h = ops.sliced_add_layernorm(a, h, cu, w, p["ln1_w"], p["ln1_b"], EPS)
-            f = ops.sliced_ffn(h, cu, w, p["w1"], p["b1"], p["w2"], p["b2"], W["ratio"])
-            return ops.sliced_add_layernorm(f, h, cu, w, p["ln2_w"], p["ln2_b"], EPS)
-
-        return run_layers(plan, h, W["layers"], run), plan
+        h = gather_tokens(batch.x, batch.lengths, plan)                  # [T, D]
+        return routed_stack(self.ops, plan, h, W), plan
 
     def padded(self, out, batch):
         h, plan = out
@@ -501,129 +416,22 @@ class Canet(Provider):
 
 # ------------------------------------------------------ triton launchers --
 
-class _TritonOps:
-    """The canet_kernels.triton launchers as the four op functions, with
-    autograd through their backward launchers (explicitly Triton, whatever
-    the dispatcher would pick)."""
-
-    def __init__(self, mod: dict):
-        self.m = mod
-
-    def sliced_linear(self, x, cu, iw, ow, weight, bias=None):
-        return _TLinear.apply(self.m, x, cu, iw, ow, weight, bias)
-
-    def sliced_attention(self, x, cu, w, w_qkv, b_qkv, w_o, b_o, heads, causal=True):
-        return _TAttention.apply(self.m, x, cu, w, w_qkv, b_qkv, w_o, b_o, heads, causal)
-
-    def sliced_ffn(self, x, cu, w, w1, b1, w2, b2, ratio=4):
-        return _TFfn.apply(self.m, x, cu, w, w1, b1, w2, b2, ratio)
-
-    def sliced_add_layernorm(self, x, res, cu, w, weight, bias, eps=EPS):
-        return _TLn.apply(self.m, x, res, cu, w, weight, bias, eps)
-
-
-class _TLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, m, x, cu, iw, ow, weight, bias):
-        ctx.m, ctx.has_bias = m, bias is not None
-        ctx.save_for_backward(x, cu, iw, ow, weight)
-        return m["sliced_linear"](x, cu, iw, ow, weight, bias)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, cu, iw, ow, weight = ctx.saved_tensors
-        gx, gw, gb = ctx.m["sliced_linear_backward"](g.contiguous(), x, cu, iw, ow,
-                                                     weight, ctx.has_bias)
-        return None, gx, None, None, None, gw, gb if ctx.has_bias else None
-
-
-class _TAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, m, x, cu, w, w_qkv, b_qkv, w_o, b_o, heads, causal):
-        out, qkv, actx, lse = m["sliced_attention_fwd"](x, cu, w, w_qkv, b_qkv, w_o,
-                                                        b_o, heads, causal)
-        ctx.m, ctx.heads, ctx.causal = m, heads, causal
-        ctx.save_for_backward(x, cu, w, w_qkv, w_o, qkv, actx, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        x, cu, w, w_qkv, w_o, qkv, actx, lse = ctx.saved_tensors
-        gx, gwqkv, gbqkv, gwo, gbo = ctx.m["sliced_attention_backward"](
-            g.contiguous(), x, cu, w, w_qkv, w_o, qkv, actx, lse, ctx.heads, ctx.causal)
-        return None, gx, None, None, gwqkv, gbqkv, gwo, gbo, None, None
-
-
-class _TFfn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, m, x, cu, w, w1, b1, w2, b2, ratio):
-        out, hidden = m["sliced_ffn_fwd"](x, cu, w, w1, b1, w2, b2, ratio)
-        ctx.m, ctx.ratio = m, ratio
-        ctx.save_for_backward(x, cu, w, w1, w2, hidden)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        x, cu, w, w1, w2, hidden = ctx.saved_tensors
-        gx, gw1, gb1, gw2, gb2 = ctx.m["sliced_ffn_backward"](g.contiguous(), x, cu, w,
-                                                              w1, w2, hidden, ctx.ratio)
-        return None, gx, None, None, gw1, gb1, gw2, gb2, None
-
-
-class _TLn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, m, x, res, cu, w, weight, bias, eps):
-        out, mean, rstd = m["sliced_add_layernorm_fwd"](x, res, cu, w, weight, bias, eps)
-        ctx.m = m
-        ctx.save_for_backward(x, res, cu, w, weight, mean, rstd)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        x, res, cu, w, weight, mean, rstd = ctx.saved_tensors
-        gi, gw, gb = ctx.m["sliced_add_layernorm_backward"](g.contiguous(), x, res, cu, w,
-                                                           weight, mean, rstd)
-        return None, gi, gi, None, None, gw, gb, None
-
-
-_TRITON_FNS = ("sliced_linear", "sliced_linear_backward",
-               "sliced_attention_fwd", "sliced_attention_backward",
-               "sliced_ffn_fwd", "sliced_ffn_backward",
-               "sliced_add_layernorm_fwd", "sliced_add_layernorm_backward")
-
-
-BACKBONE_OPS = ("sliced_attention", "sliced_ffn", "sliced_add_layernorm")
-
-
-def triton_ops(ops=BACKBONE_OPS):
-    """(ops or None, reason): the canet_kernels.triton launchers, when each
-    of `ops` has its forward and backward launchers."""
+def triton_ops():
+    """(ops or None, reason): the canet_kernels.triton launchers with
+    torch.ops.canet's autograd (ops.KernelOps), explicitly Triton whatever
+    kernels the dispatcher would pick (C++ ones for CPU tensors, and the CUDA
+    C++ kernels of canet-cuda)."""
     try:
-        pkg = importlib.import_module("canet_kernels.triton")
+        import canet_kernels.triton as kt
     except Exception as exc:  # noqa: BLE001  triton missing or broken
         return None, f"canet_kernels.triton does not import ({exc})"
-    fns = {}
-    for name in _TRITON_FNS:
-        if name.replace("_backward", "").replace("_fwd", "") not in ops:
-            continue
-        fn = getattr(pkg, name, None)
-        if fn is None:
-            mod = name.replace("_backward", "").replace("_fwd", "")
-            try:
-                fn = getattr(importlib.import_module(f"canet_kernels.triton.{mod}"),
-                             name, None)
-            except Exception as exc:  # noqa: BLE001
-                return None, f"canet_kernels.triton.{mod} does not import ({exc})"
-        if fn is None:
-            return None, f"canet_kernels.triton has no launcher {name}"
-        fns[name] = fn
-    return _TritonOps(fns), "ok"
+    from canet_kernels.ops import KernelOps
+    return KernelOps(kt.KERNELS), "ok"
 
 
 class CanetTriton(Canet):
-    def __init__(self, ops=BACKBONE_OPS):
+    def __init__(self):
         super().__init__("canet-triton", None, "canet", "cuda")
-        self.needed = ops
 
     def available(self, device):
         ok, why = super().available(device)
@@ -631,7 +439,7 @@ class CanetTriton(Canet):
                            and torch.device(device).type == "cpu"):
             return ok, why
         if self.ops is None:
-            self.ops, why = triton_ops(self.needed)
+            self.ops, why = triton_ops()
             if self.ops is None:
                 return False, why
         return True, ""
@@ -738,7 +546,7 @@ class OpCase:
 
     def available(self, name, device):
         if name in ("canet-cuda", "canet-triton"):
-            prov = CanetCuda() if name == "canet-cuda" else CanetTriton((self.op,))
+            prov = CanetCuda() if name == "canet-cuda" else CanetTriton()
             ok, why = prov.available(device)
             if ok:
                 self._ops = getattr(self, "_ops", {})
@@ -756,8 +564,8 @@ class OpCase:
         if name in ("dense", "masked"):
             st = SimpleNamespace(x=leaf(b.x), r=leaf(self.res))
             if name == "masked":
-                st.m = masked_context(b.widths, self.heads, self.D, self.ratio, b.L,
-                                      b.x.dtype)
+                st.m = CF.MaskedContext(b.widths, self.heads, self.D, self.ratio, b.L,
+                                        b.x.dtype)
             return st
         if name == "loop":
             keys = (b.widths * 1000 + b.depths).tolist()
@@ -778,16 +586,16 @@ class OpCase:
             rflat = self.res.reshape(-1, self.D)
             for w, ids in _groups([widths[i] for i in order]).items():
                 ids = [order[i] for i in ids]
-                rows = _flat_token_index(b, torch.tensor(ids, device=b.x.device))
+                rows = token_index(b.lengths, b.L,
+                                   order=torch.tensor(ids, device=b.x.device))
                 subs.append((w, leaf(flat[:, :w].index_select(0, rows)),
                              leaf(rflat[:, :w].index_select(0, rows)),
                              [lens[i] for i in ids]))
             return SimpleNamespace(subs=subs)
         # canet: route-sorted packed rows, as plan_routes lays them out
         plan = plan_routes(b.lengths, b.widths, b.depths)
-        rows = _flat_token_index(b, plan.order)
-        x = b.x.reshape(-1, self.D).index_select(0, rows)
-        r = self.res.reshape(-1, self.D).index_select(0, rows)
+        x = gather_tokens(b.x, b.lengths, plan)
+        r = gather_tokens(self.res, b.lengths, plan)
         ops = {"canet-cpu": CF, "reference": REF}.get(name)
         if ops is None:
             ops = self._ops[name]
@@ -801,12 +609,11 @@ class OpCase:
         if name == "masked":
             m = st.m
             if op == "sliced_attention":
-                return masked_attention(st.x, p, m.fmask, m.hmask, m.scale, m.causal)
+                return CF.masked_attention(st.x, p, m)
             if op == "sliced_ffn":
-                return masked_ffn(st.x, p, m.fmask, m.inner)
+                return CF.masked_ffn(st.x, p, m)
             if op == "sliced_add_layernorm":
-                return masked_layer_norm(st.x + st.r, m.fmask, m.width, p["ln1_w"],
-                                         p["ln1_b"])
+                return CF.masked_layer_norm(st.x + st.r, m, p["ln1_w"], p["ln1_b"], EPS)
             wt, bias = _linear_w(p)
             return F.linear(st.x, wt, bias) * m.fmask
         if name == "loop":
@@ -843,8 +650,8 @@ class OpCase:
             widths = b.widths.tolist()
             order = sorted(range(b.B), key=lambda i: -widths[i])
             for (w, ids), o in zip(_groups([widths[i] for i in order]).items(), out):
-                rows = _flat_token_index(b, torch.tensor([order[i] for i in ids],
-                                                         device=b.x.device))
+                rows = token_index(b.lengths, b.L, order=torch.tensor(
+                    [order[i] for i in ids], device=b.x.device))
                 y[rows, :w] = o
             y = y.view(B, L, D)
         else:

@@ -14,7 +14,7 @@ except with --quick / --smoke / --no-memory). Results go to
 OUT/results_<device>.json and .csv, plots to OUT/*.png and a markdown table
 to OUT/latest.md (default OUT: benchmarks/results).
 
-Definitions: benchmarks/flops.py (FLOPs, bytes), benchmarks/timing.py
+Definitions: canet_kernels/flops.py (FLOPs, bytes), benchmarks/timing.py
 (interleaved timing, peak memory), benchmarks/providers.py (providers).
 "time / dense" is a provider's median over the dense max-size stack's at the
 same point; "realized / theory" is that over the routed FLOP ratio (1.0 =
@@ -36,9 +36,9 @@ import traceback
 
 import torch
 
-from benchmarks import flops as FL
 from benchmarks import providers as P
 from benchmarks import timing
+from canet_kernels import flops as FL
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

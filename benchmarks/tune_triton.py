@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_triton import HEADS, RATIO, cuda_graph, make_batch, make_weights  # noqa: E402
+from bench_triton import HEADS, RATIO, cuda_graph, make_batch  # noqa: E402
 
 # kernel family -> variants (the first is the current default)
 VARIANTS = {
@@ -78,6 +78,7 @@ def main(argv=None):
         sys.exit("tune_triton: needs a CUDA device (or --smoke)")
     import canet_kernels  # noqa: F401
     import canet_kernels.triton as kt
+    from benchmarks import providers as P
     from canet_kernels.triton import _common
 
     if args.smoke:  # the interpreter takes the small CPU tiles: this only runs the code
@@ -88,7 +89,7 @@ def main(argv=None):
         variants = VARIANTS
     batch = make_batch(B, L, [D // 2, 3 * D // 4, D], [8], D, dt, dev)
     x, cu, w = batch["plan"].layer(0, batch["x"])
-    p = make_weights(D, 1, dt, dev)[0]
+    p = P.make_weights(D, 1, RATIO, HEADS, dtype=dt, device=dev)["layers"][0]
     T = x.shape[0]
     ratio_lin = float((w.double() ** 2).mean() / D ** 2)  # all samples have L tokens
     ops = {
@@ -99,18 +100,10 @@ def main(argv=None):
                                                 p["b_o"], HEADS, True, False),
     }
     xd = x.view(-1, L, D)
-    hd = D // HEADS
-
-    def dense_attn():
-        qkv = F.linear(xd, p["w_qkv"].reshape(3 * D, D), p["b_qkv"].reshape(3 * D))
-        q, k, v = qkv.view(-1, L, 3, HEADS, hd).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return F.linear(a.transpose(1, 2).reshape(-1, L, D), p["w_o"], p["b_o"])
-
-    dense = {
-        "ffn": lambda: F.linear(F.gelu(F.linear(x, p["w1"], p["b1"])), p["w2"], p["b2"]),
+    dense = {  # providers' plain-PyTorch sublayers at full width
+        "ffn": lambda: P.ffn(x, p, D, RATIO),
         "mm": lambda: F.linear(x, p["w_o"], p["b_o"]),
-        "attn": dense_attn,
+        "attn": lambda: P.padded_attention(xd, p, D, HEADS),
     }
     results, best = {}, {}
     print(f"tokens {T}, linear FLOP ratio {ratio_lin:.3f}; medians of CUDA-graph replays")

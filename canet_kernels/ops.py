@@ -2,11 +2,14 @@
 functional API that also accepts padded batches.
 
 The schemas live in csrc/registration.cpp; backends register kernels for the
-`*_fwd` / `*_backward` ops and for `sliced_linear(_backward)`.
+`*_fwd` / `*_backward` ops and for `sliced_linear(_backward)`. `KernelOps`
+runs the same autograd over an explicit kernel table (e.g. the Triton
+launchers) instead of the dispatcher.
 """
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import torch
 
@@ -89,6 +92,13 @@ def _(grad_out, x, residual, cu_seqlens, widths, weight, mean, rstd):
 
 
 # ------------------------------------------------------------- autograd ----
+# One set of formulas: registered for torch.ops.canet below, and applied by
+# KernelOps to an explicit kernel table (the backward kernels come from
+# `ctx.kernels` there, from torch.ops.canet here).
+
+def _kernels(ctx):
+    return getattr(ctx, "kernels", ops)
+
 
 def _keep(ctx, grads):
     """None for inputs that need no gradient (ctx.needs_input_grad)."""
@@ -104,8 +114,8 @@ def _linear_setup(ctx, inputs, output):
 
 def _linear_backward(ctx, grad_out):
     x, cu, iw, ow, weight = ctx.saved_tensors
-    gx, gw, gb = ops.sliced_linear_backward(grad_out.contiguous(), x, cu, iw, ow,
-                                            weight, ctx.has_bias)
+    gx, gw, gb = _kernels(ctx).sliced_linear_backward(
+        grad_out.contiguous(), x, cu, iw, ow, weight, ctx.has_bias)
     return _keep(ctx, (gx, None, None, None, gw, gb if ctx.has_bias else None))
 
 
@@ -123,9 +133,9 @@ def _attention_setup(ctx, inputs, output):
 
 def _attention_backward(ctx, grad_out, *_aux):
     x, cu, widths, w_qkv, w_o, qkv, attn_ctx, lse = ctx.saved_tensors
-    grads = ops.sliced_attention_backward(grad_out.contiguous(), x, cu, widths,
-                                          w_qkv, w_o, qkv, attn_ctx, lse,
-                                          ctx.num_heads, ctx.causal)
+    grads = _kernels(ctx).sliced_attention_backward(
+        grad_out.contiguous(), x, cu, widths, w_qkv, w_o, qkv, attn_ctx, lse,
+        ctx.num_heads, ctx.causal)
     gx, gwqkv, gbqkv, gwo, gbo = grads
     return _keep(ctx, (gx, None, None, gwqkv, gbqkv, gwo, gbo, None, None))
 
@@ -144,7 +154,7 @@ def _ffn_setup(ctx, inputs, output):
 
 def _ffn_backward(ctx, grad_out, _grad_hidden):
     x, cu, widths, w1, w2, hidden = ctx.saved_tensors
-    gx, gw1, gb1, gw2, gb2 = ops.sliced_ffn_backward(
+    gx, gw1, gb1, gw2, gb2 = _kernels(ctx).sliced_ffn_backward(
         grad_out.contiguous(), x, cu, widths, w1, w2, hidden, ctx.ratio)
     return _keep(ctx, (gx, None, None, gw1, gb1, gw2, gb2, None, None))
 
@@ -162,13 +172,92 @@ def _ln_setup(ctx, inputs, output):
 
 def _ln_backward(ctx, grad_out, _gm, _gr):
     x, residual, cu, widths, weight, mean, rstd = ctx.saved_tensors
-    gin, gw, gb = ops.sliced_add_layernorm_backward(
+    gin, gw, gb = _kernels(ctx).sliced_add_layernorm_backward(
         grad_out.contiguous(), x, residual, cu, widths, weight, mean, rstd)
     return _keep(ctx, (gin, gin, None, None, gw, gb, None))
 
 
 torch.library.register_autograd("canet::sliced_add_layernorm_fwd", _ln_backward,
                                 setup_context=_ln_setup)
+
+
+_FORMULAS = {
+    "sliced_linear": (_linear_setup, _linear_backward),
+    "sliced_attention_fwd": (_attention_setup, _attention_backward),
+    "sliced_ffn_fwd": (_ffn_setup, _ffn_backward),
+    "sliced_add_layernorm_fwd": (_ln_setup, _ln_backward),
+}
+
+
+class _WithKernels(torch.autograd.Function):
+    """apply(*op_inputs, name, kernels): kernels.<name>(*op_inputs) with the
+    formulas above; `name` and `kernels` (and any trailing input a formula
+    returns no gradient for) get None."""
+
+    @staticmethod
+    def forward(*args):
+        *inputs, name, kernels = args
+        return getattr(kernels, name)(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, args, output):
+        *inputs, name, kernels = args
+        ctx.kernels, ctx.formula, ctx.num_args = kernels, name, len(args)
+        _FORMULAS[name][0](ctx, tuple(inputs), output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        g = _FORMULAS[ctx.formula][1](ctx, *grads)
+        return g + (None,) * (ctx.num_args - len(g))
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
+
+
+class KernelOps:
+    """canet's ops with the functional signatures (an `ops` object for
+    functional.routed_layer) run by an explicit kernel table instead of the
+    dispatcher, e.g. KernelOps(canet_kernels.triton.KERNELS): the Triton
+    launchers on any tensors they accept (CPU ones under TRITON_INTERPRET=1)
+    whatever kernels torch.ops.canet serves. Same autograd formulas as
+    torch.ops.canet; without gradients the launchers save nothing."""
+
+    def __init__(self, kernels):
+        self.kernels = SimpleNamespace(**kernels) if isinstance(kernels, dict) else kernels
+
+    def _run(self, name, *inputs):
+        return _WithKernels.apply(*inputs, name, self.kernels)
+
+    def sliced_linear(self, x, cu_seqlens, in_widths, out_widths, weight, bias=None):
+        if not _needs_grad(x, weight, bias):
+            return self.kernels.sliced_linear(x, cu_seqlens, in_widths, out_widths,
+                                              weight, bias)
+        return self._run("sliced_linear", x, cu_seqlens, in_widths, out_widths, weight,
+                         bias)
+
+    def sliced_attention(self, x, cu_seqlens, widths, w_qkv, b_qkv, w_o, b_o, num_heads,
+                         causal=True):
+        save = _needs_grad(x, w_qkv, b_qkv, w_o, b_o)
+        args = (x, cu_seqlens, widths, w_qkv, b_qkv, w_o, b_o, num_heads, causal, save)
+        if not save:
+            return self.kernels.sliced_attention_fwd(*args)[0]
+        return self._run("sliced_attention_fwd", *args)[0]
+
+    def sliced_ffn(self, x, cu_seqlens, widths, w1, b1, w2, b2, ratio=4):
+        save = _needs_grad(x, w1, b1, w2, b2)
+        args = (x, cu_seqlens, widths, w1, b1, w2, b2, ratio, save)
+        if not save:
+            return self.kernels.sliced_ffn_fwd(*args)[0]
+        return self._run("sliced_ffn_fwd", *args)[0]
+
+    def sliced_add_layernorm(self, x, residual, cu_seqlens, widths, weight, bias,
+                             eps=1e-5):
+        args = (x, residual, cu_seqlens, widths, weight, bias, eps)
+        if not _needs_grad(x, residual, weight, bias):
+            return self.kernels.sliced_add_layernorm_fwd(*args)[0]
+        return self._run("sliced_add_layernorm_fwd", *args)[0]
 
 
 # --------------------------------------------------------------- backends --

@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks import flops as FL  # noqa: E402
 from benchmarks import providers as P  # noqa: E402
+from canet_kernels import flops as FL  # noqa: E402
 
 D, LAYERS = 32, 3
 ROUTED = ("masked", "loop", "bucket", "canet-cpu")
@@ -122,6 +122,20 @@ def test_route_mix_json(tmp_path):
     assert set(w.tolist()) <= {64, 128} and set(d.tolist()) <= {2, 8}
 
 
+def test_route_mix_from_route_counts(tmp_path):
+    # counts indexed like CANetConfig.routes(): emb x hidden x depth
+    cfg = dict(emb_widths=[32, 64], hidden_widths=[32, 64], depths=[1, 2])
+    path = tmp_path / "counts.json"
+    path.write_text(json.dumps({"config": cfg, "route_counts": [1, 0, 0, 2, 1, 0, 0, 4]}))
+    assert P.load_route_mix(str(path)) == {(32, 1): 0.25, (64, 2): 0.75}
+    path.write_text(json.dumps({"config": cfg, "route_counts": [1, 2]}))
+    with pytest.raises(ValueError, match="route counts"):
+        P.load_route_mix(str(path))
+    # a printed table is no route mix: JSON only
+    path.write_text("route  emb  hidden  depth  flop-ratio   users   share\n")
+    with pytest.raises(ValueError):
+        P.load_route_mix(str(path))
+
 def test_suite_smoke(tmp_path):
     out = tmp_path / "results"
     r = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out)],
@@ -136,16 +150,6 @@ def test_suite_smoke(tmp_path):
     assert {"dense", "masked", "loop", "bucket", "canet-cpu"} <= provs
     assert (out / "results_cpu.csv").exists()
     assert (out / "latest.md").read_text().startswith("### canet benchmarks on")
-
-
-def test_route_mix_from_route_stats_table(tmp_path):
-    path = tmp_path / "stats.txt"
-    path.write_text("route  emb  hidden  depth  flop-ratio   users   share\n"
-                    "    0   64      64      2       0.100      30   30.0%\n"
-                    "   12   96      64      2       0.110      10   10.0%\n"
-                    "   35  128     128      8       1.000      60   60.0%\n"
-                    "mean FLOP ratio 0.640 (36.0% fewer than the max route)\n")
-    assert P.load_route_mix(str(path)) == {(64, 2): 0.4, (128, 8): 0.6}
 
 
 TRITON_SCRIPT = """

@@ -93,14 +93,14 @@ class CANetConfig:
         (QKV, causal scores and mix, output), FFN, and full-ranking scores of
         the last position. Embedding look-ups, LayerNorm and GELU are left
         out (linear in width, small)."""
+        from ..flops import layer_flops
         n = self.max_len if seq_len is None else seq_len
-        r = self.ffn_ratio
         out = []
         for e, d, depth in self.routes():
-            per_token = 2 * e * d + depth * (8 * d * d + 4 * r * d * d)
-            attention = depth * 2 * 2 * d * n * (n + 1) / 2
+            projection = n * 2 * e * d
+            backbone = depth * layer_flops(n, d, self.ffn_ratio)
             scores = 2 * d * (self.n_items + 1)
-            out.append(n * per_token + attention + scores)
+            out.append(projection + backbone + scores)
         return out
 
     def route_flop_ratios(self, seq_len: int | None = None) -> list[float]:

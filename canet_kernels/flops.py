@@ -1,11 +1,11 @@
-"""Analytic FLOP and byte counts of the backbone and its ops.
+"""Analytic FLOP and byte counts of the backbone and its ops: the one count
+the model (CANetConfig.route_flops) and the benchmarks use.
 
 FLOPs (a multiply-add is 2), per sample of n tokens at width w, per layer:
   projections  Q, K, V, O           4 * n * w^2 * 2
   FFN          up + down            2 * n * w * (ratio * w) * 2
   attention    scores + P @ V       2 * 2 * pairs * w,
-               pairs = n (n + 1) / 2 causal (the convention of
-               CANetConfig.route_flops), n^2 otherwise
+               pairs = n (n + 1) / 2 causal, n^2 otherwise
 LayerNorm, GELU, softmax and biases are left out (linear in w). A sample
 counts only its own depth. The dense model counts every (padded) token at
 the full width and depth. A training step counts 3x the forward (backward
