@@ -157,7 +157,8 @@ def cmd_eval(args):
     model, cfg = load_model(args.ckpt)
     split = _data_for_ckpt(args, cfg)
     tcfg = TrainConfig.from_dict(cfg["train"])
-    mask_seen = args.mask_seen or tcfg.mask_seen
+    # default: as the model was trained and selected
+    mask_seen = tcfg.mask_seen if args.mask_seen is None else args.mask_seen
     route = tcfg.fixed_route
     out = {}
     for name in ("valid", "test"):
@@ -303,7 +304,9 @@ def build_parser():
     e.add_argument("--data", help="evaluate on another file (default: the training data)")
     _add_format_args(e)
     e.add_argument("--path", choices=("routed", "masked"), default="routed")
-    e.add_argument("--mask-seen", action="store_true")
+    e.add_argument("--mask-seen", action=argparse.BooleanOptionalAction, default=None,
+                   help="mask (or, with --no-mask-seen, rank) each user's seen items "
+                        "(default: as in training)")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--json", help="also write the metrics to this file")
     e.set_defaults(func=cmd_eval)

@@ -233,3 +233,22 @@ def test_module_entry_point():
     assert r.returncode == 0
     for cmd in ("train", "eval", "route-stats", "recommend", "demo"):
         assert cmd in r.stdout
+
+
+def test_eval_with_and_without_seen_masking(trained, capsys, tmp_path):
+    """A model trained without masking evaluates both ways; the default is
+    the training protocol (reproduces results.json)."""
+    with open(os.path.join(trained, "results.json")) as f:
+        res = json.load(f)
+    got = {}
+    for flag in ("--mask-seen", "--no-mask-seen", None):
+        js = str(tmp_path / f"{flag}.json")
+        rc, out, _ = run_cli(["eval", "--ckpt", trained, "--json", js]
+                             + ([flag] if flag else []), capsys)
+        assert rc == 0
+        assert ("seen items masked" in out) == (flag == "--mask-seen")
+        with open(js) as f:
+            got[flag] = json.load(f)["test"]
+    assert got[None]["ndcg@10"] == res["test"]["ndcg@10"]
+    assert got["--no-mask-seen"] == got[None]
+    assert got["--mask-seen"]["ndcg@10"] != got[None]["ndcg@10"]
