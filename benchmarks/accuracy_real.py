@@ -1,15 +1,29 @@
-"""Accuracy and compute of CANet vs the dense max-size model on real data.
+"""Accuracy and compute of CANet against the alternatives a user would pick,
+on real data.
 
-Beauty and LastFM (S3Rec preprocessing, ../shared/data), leave-one-out,
-full ranking over all items, max length 50. The dense baseline is the same
-code with every route fixed to the max; CANet trains the router with the
-FLOP budget. Targets: CANet NDCG@10 >= 0.99 x dense with >= 55% fewer
-routed FLOPs.
-
-CANet here: --warmup-epochs of sandwich supernet training (router off), then
-the router with the CANet losses; before every validation the inference
-cost bias is set on validation users so the argmax routes meet --flop-target
-(--no-calibrate-flops: plain argmax). Results and commands of the runs made so far:
+Beauty and LastFM (S3Rec preprocessing, ../shared/data; any RecBole .inter
+file too), leave-one-out, full ranking over all items, max length 50, every
+model selected on validation and tested once. Models (--models):
+  dense     the max-size model (every route fixed to the max)
+  canet     router + supernet: --warmup-epochs of sandwich supernet training
+            (router off), then the router with the CANet losses; before every
+            validation the inference cost bias is set on validation users so
+            the argmax routes meet --flop-target (--no-calibrate-flops: plain
+            argmax)
+  static    the best single route whose FLOP ratio is at most CANet's measured
+            mean (validation users; --static-max-ratio without a canet run),
+            trained on its own with the same epochs, patience and selection:
+            the --static-candidates largest such routes are trained and the
+            best on validation is tested
+  supernet  the supernet trained by sandwich warm-up alone (no router),
+            epochs selected on its max route, then its best fixed route under
+            the same FLOP cap chosen on validation
+FLOP ratios are always against the max route of the full routing space.
+Every run's JSON has its route distribution and the mean FLOP ratio per
+quartile of history length; CANet against the others gets a paired
+bootstrap 95% interval of the NDCG@10 ratio over test users. Targets: CANet
+NDCG@10 >= 0.99 x dense with >= 55% fewer routed FLOPs, and >= 1.02 x static.
+Results and commands of the runs made so far:
 benchmarks/results/accuracy/README.md.
 
     python benchmarks/accuracy_real.py --epochs 60
@@ -36,7 +50,11 @@ from canet_kernels.metrics import format_metrics  # noqa: E402
 from canet_kernels.model import CANetConfig  # noqa: E402
 from canet_kernels.options import (MODEL_OPTIONS, TRAIN_OPTIONS, add_options,  # noqa: E402
                                    from_options)
-from canet_kernels.train import TrainConfig, protocol, time_inference, train  # noqa: E402
+from canet_kernels.train import (TrainConfig, evaluate, protocol,  # noqa: E402
+                                  time_inference, train)
+
+
+KINDS = ("dense", "canet", "static", "supernet")
 
 
 def parse():
@@ -48,8 +66,13 @@ def parse():
     add_options(p, TrainConfig, TRAIN_OPTIONS,
                 {"epochs": 60, "patience": 10, "mask_seen": True,
                  "warmup_epochs": 10}, "training")
-    p.add_argument("--models", nargs="+", default=["dense", "canet"],
-                   choices=["dense", "canet"])
+    p.add_argument("--models", nargs="+", default=["dense", "canet", "static"],
+                   choices=KINDS)
+    p.add_argument("--static-candidates", type=int, default=1,
+                   help="static: train this many of the largest routes under the cap "
+                        "and keep the best on validation")
+    p.add_argument("--static-max-ratio", type=float, default=None,
+                   help="FLOP cap for static/supernet without a canet run")
     p.add_argument("--windows", action="store_true",
                    help="cut long training histories into several examples")
     p.add_argument("--limit-users", type=int, default=None, help="first N users (smoke runs)")
@@ -61,10 +84,50 @@ def parse():
     return p.parse_args()
 
 
+def bootstrap_ratio(a, b, n=1000, seed=0):
+    """Paired bootstrap over users: 95% interval of mean(a) / mean(b)."""
+    a = torch.tensor(a, dtype=torch.float64)
+    b = torch.tensor(b, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(a), (n, len(a)), generator=g)
+    r = a[idx].mean(1) / b[idx].mean(1).clamp_min(1e-12)
+    lo, hi = torch.quantile(r, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return [float(lo), float(hi)]
+
+
+def single_route(mcfg, route):
+    """A CANetConfig whose routing space is one route of mcfg's."""
+    e, d, depth = mcfg.routes()[route]
+    return CANetConfig.from_dict(dict(mcfg.to_dict(), emb_widths=[e], hidden_widths=[d],
+                                      depths=[depth]))
+
+
+def routes_under(mcfg, cap, n):
+    """The n routes with the largest FLOP ratio <= cap, largest first."""
+    ratios = mcfg.route_flop_ratios()
+    ok = [r for r in range(mcfg.num_routes) if ratios[r] <= cap + 1e-12]
+    return sorted(ok, key=lambda r: -ratios[r])[:n]
+
+
+def run(a, kind, mcfg, tcfg, split, out, source, ref):
+    """Trains one model and returns (model, results with test metrics
+    per user, FLOP ratios against `ref`)."""
+    resume = a.resume and os.path.exists(os.path.join(out, "last.safetensors"))
+    t0 = time.perf_counter()
+    model, res = train(mcfg, tcfg, split, out, source, resume=resume)
+    res["wall_seconds"] = time.perf_counter() - t0
+    route = tcfg.fixed_route if tcfg.fixed_route is not None else tcfg.eval_route
+    res["test"] = evaluate(model, split.test, tcfg.ks, tcfg.mask_seen, route=route,
+                           flop_ref=ref, per_user=True)
+    res["inference_seconds_test"] = time_inference(model, split.test, route, repeats=1)
+    return model, res
+
+
 def main():
     a = parse()
     if a.threads:
         torch.set_num_threads(a.threads)
+    kinds = [k for k in KINDS if k in a.models and not (a.skip_dense and k == "dense")]
     report = {"settings": vars(a), "datasets": {}}
     for name in a.datasets:
         # `Beauty` -> Beauty.txt (users format); `ml-100k.inter` -> that RecBole file
@@ -75,43 +138,78 @@ def main():
         print(ds.summary())
         split = D.leave_one_out(ds, a.max_len, windows=a.windows)
         mcfg = from_options(CANetConfig, a, MODEL_OPTIONS, n_items=ds.n_items)
-        runs = {}
-        kinds = [k for k in a.models if not (a.skip_dense and k == "dense")]
+        base = from_options(TrainConfig, a, TRAIN_OPTIONS)
+        runs, cap = {}, a.static_max_ratio
         for kind in kinds:
-            tcfg = from_options(TrainConfig, a, TRAIN_OPTIONS,
-                                fixed_route=mcfg.max_route if kind == "dense" else None)
-            if kind == "dense":
-                tcfg.warmup_epochs = 0
-            out = os.path.join(a.run_dir, name, kind)
-            resume = a.resume and os.path.exists(os.path.join(out, "last.safetensors"))
             print(f"--- {name}: {kind}")
-            t0 = time.perf_counter()
-            model, res = train(mcfg, tcfg, split, out, ds.source, resume=resume)
-            wall = time.perf_counter() - t0
-            route = "max" if kind == "dense" else None
-            res["inference_seconds_test"] = time_inference(model, split.test, route,
-                                                           repeats=1)
-            res["wall_seconds"] = wall
+            out = os.path.join(a.run_dir, name, kind)
+            if kind in ("dense", "canet"):
+                tcfg = TrainConfig.from_dict(dict(
+                    base.to_dict(), warmup_epochs=base.warmup_epochs if kind == "canet" else 0,
+                    fixed_route=mcfg.max_route if kind == "dense" else None))
+                model, res = run(a, kind, mcfg, tcfg, split, out, ds.source, mcfg)
+                if kind == "canet":
+                    cap = res["valid"]["flop_ratio"]
+                    print(route_table(mcfg, res["test"]["route_counts"]))
+            elif kind == "supernet":
+                tcfg = TrainConfig.from_dict(dict(base.to_dict(), warmup_epochs=base.epochs,
+                                                  eval_route=mcfg.max_route))
+                model, res = run(a, kind, mcfg, tcfg, split, out, ds.source, mcfg)
+                if cap is None:
+                    raise SystemExit("supernet needs a FLOP cap: run canet first or "
+                                     "give --static-max-ratio")
+                # its best fixed route under the cap, chosen on validation
+                cands = routes_under(mcfg, cap, mcfg.num_routes)
+                val = {r: evaluate(model, split.valid, tcfg.ks, tcfg.mask_seen, route=r)
+                       [tcfg.select_metric] for r in cands}
+                best = max(val, key=val.get)
+                res["route"], res["valid_by_route"] = best, val
+                res["test"] = evaluate(model, split.test, tcfg.ks, tcfg.mask_seen,
+                                       route=best, flop_ref=mcfg, per_user=True)
+            else:  # static
+                if cap is None:
+                    raise SystemExit("static needs a FLOP cap: run canet first or give "
+                                     "--static-max-ratio")
+                tried = {}
+                for r in routes_under(mcfg, cap, a.static_candidates):
+                    scfg = single_route(mcfg, r)
+                    tcfg = TrainConfig.from_dict(dict(base.to_dict(), warmup_epochs=0,
+                                                      fixed_route=0))
+                    _, rr = run(a, kind, scfg, tcfg, split, f"{out}_route{r}", ds.source,
+                                mcfg)
+                    rr["route"] = r
+                    tried[r] = rr
+                best = max(tried, key=lambda r: tried[r]["valid"][tcfg.select_metric])
+                res = dict(tried[best], candidates={
+                    r: {"valid": v["valid"][tcfg.select_metric],
+                        "flop_ratio": v["test"]["flop_ratio"]} for r, v in tried.items()})
             runs[kind] = res
-            print(f"{kind}: test {format_metrics(res['test'])}  FLOP ratio "
-                  f"{res['test']['flop_ratio']:.3f}  training {res['train_seconds']:.0f}s "
+            t = res["test"]
+            print(f"{kind}: test {format_metrics(t)}  FLOP ratio {t['flop_ratio']:.3f}  "
+                  f"routes used {t['routes_used']} (largest share "
+                  f"{t['largest_share']:.0%})  training {res['train_seconds']:.0f}s "
                   f"(best epoch {res['best_epoch']})")
-            if kind == "canet":
-                print(route_table(mcfg, res["test"]["route_counts"]))
-        entry = {"protocol": protocol(tcfg) + f", max length {a.max_len}",
-                 "users": len(ds.sequences), "items": ds.n_items, **runs}
-        if "dense" in runs and "canet" in runs:
-            dn, cn = runs["dense"]["test"], runs["canet"]["test"]
-            ratio = cn["ndcg@10"] / dn["ndcg@10"] if dn["ndcg@10"] > 0 else float("nan")
-            saved = 1 - cn["flop_ratio"]
-            entry["ndcg10_ratio"] = ratio
-            entry["flops_saved"] = saved
-            entry["meets_target"] = bool(ratio >= 0.99 and saved >= 0.55)
-            print(f"{name} [{entry['protocol']}]")
-            print(f"  dense NDCG@10 {dn['ndcg@10']:.4f}  CANet NDCG@10 {cn['ndcg@10']:.4f} "
-                  f"(x{ratio:.3f}, target >= 0.99); routed FLOPs {saved:.1%} fewer "
-                  f"(target >= 55%) -> {'met' if entry['meets_target'] else 'NOT met'}")
+        entry = {"protocol": protocol(base) + f", max length {a.max_len}",
+                 "users": len(ds.sequences), "items": ds.n_items, "flop_cap": cap,
+                 **runs}
+        if "canet" in runs:
+            cn = runs["canet"]["test"]
+            for other in ("dense", "static", "supernet"):
+                if other not in runs:
+                    continue
+                on = runs[other]["test"]
+                ratio = cn["ndcg@10"] / on["ndcg@10"] if on["ndcg@10"] > 0 else float("nan")
+                ci = bootstrap_ratio(cn["per_user"]["ndcg@10"], on["per_user"]["ndcg@10"])
+                entry[f"ndcg10_ratio_vs_{other}"] = {"ratio": ratio, "ci95": ci}
+                print(f"{name}: CANet / {other} NDCG@10 x{ratio:.3f} (95% CI "
+                      f"{ci[0]:.3f}-{ci[1]:.3f}); FLOP ratios {cn['flop_ratio']:.3f} vs "
+                      f"{on['flop_ratio']:.3f}")
+            if "dense" in runs:
+                r = entry["ndcg10_ratio_vs_dense"]["ratio"]
+                entry["meets_dense_target"] = bool(r >= 0.99 and cn["flop_ratio"] <= 0.45)
         report["datasets"][name] = entry
+        for res in runs.values():  # per-user lists are long; keep the JSON readable
+            res["test"].pop("per_user", None)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(report, f, indent=2, default=str)

@@ -40,6 +40,9 @@ class TrainConfig:
     seed: int = 0
     path: str = "routed"             # "routed" (canet ops) or "masked" (paper)
     fixed_route: int | None = None   # train one route only (max route = dense)
+    # evaluate (select epochs, test) on this route instead of the router's;
+    # e.g. the max route of a supernet trained by sandwich warm-up alone
+    eval_route: int | None = None
     eval_every: int = 1
     patience: int | None = None      # evaluations without improvement to stop
     select_metric: str = "ndcg@10"
@@ -105,27 +108,67 @@ def _fixed(model, n, route):
 @torch.no_grad()
 def evaluate(model: CANet, es: EvalSet, ks=(10, 20), mask_seen=False,
              batch_size=256, route=None, path="routed", progress=False,
-             desc="eval"):
+             desc="eval", flop_ref: CANetConfig | None = None, per_user=False):
     """Full-ranking metrics over all items for every user of `es`, plus the
-    route distribution ("route_counts") and the mean FLOP ratio of the
-    routes taken. `route`: None = the router's argmax, "max" = the dense
-    model, or a route id."""
+    route distribution ("route_counts", "routes_used", "largest_share") and
+    the mean FLOP ratio of the routes taken, overall and per quartile of
+    history length. FLOP ratios are against the max route of `flop_ref`
+    (default: the model's own routing space). `route`: None = the router's
+    argmax, "max" = the dense model, or a route id. `per_user`: also the
+    per-user routes and metric values, in `es` order."""
     was_training = model.training
     model.eval()
     acc = MetricAccumulator()
-    counts = torch.zeros(model.cfg.num_routes, dtype=torch.int64)
+    users: dict = {}
+    taken = []
     for idx in tqdm(batches(len(es), batch_size), desc=desc, leave=False,
                     disable=not progress):
         items, lengths = _batch(es, idx)
         scores, routes = model(items, lengths, _fixed(model, len(idx), route), path)
         seen = es.seen[idx] if mask_seen else None
-        acc.update(full_ranking(scores, es.targets[idx], ks, seen))
-        counts += torch.bincount(routes.cpu(), minlength=model.cfg.num_routes)
+        vals = full_ranking(scores, es.targets[idx], ks, seen)
+        acc.update(vals)
+        taken.append(routes.cpu())
+        if per_user:
+            for k, v in vals.items():
+                users.setdefault(k, []).append(v.cpu())
     model.train(was_training)
     res = acc.result()
-    res["flop_ratio"] = flop_ratio(model.cfg, counts)
-    res["route_counts"] = counts.tolist()
+    routes = torch.cat(taken) if taken else torch.zeros(0, dtype=torch.int64)
+    res.update(route_report(model.cfg, routes, (es.seen > 0).sum(1), flop_ref))
+    if per_user:
+        res["per_user"] = {"routes": routes.tolist(),
+                           **{k: torch.cat(v).tolist() for k, v in users.items()}}
     return res
+
+
+def route_report(cfg: CANetConfig, routes, history_lengths, flop_ref=None) -> dict:
+    """Route distribution and FLOP ratios of per-user routes [U]: overall and
+    per quartile of history length (ratios against flop_ref's max route)."""
+    counts = torch.bincount(routes, minlength=cfg.num_routes)
+    n = max(int(counts.sum()), 1)
+    ratios = torch.tensor(route_flop_ratios(cfg, flop_ref), dtype=torch.float64)
+    per_user = ratios[routes]
+    hl = history_lengths.to(torch.float64)
+    q = torch.quantile(hl, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)) \
+        if len(hl) else torch.zeros(3, dtype=torch.float64)
+    bins = torch.bucketize(hl, q, right=True)                      # 0..3
+    by_q = [float(per_user[bins == i].mean()) if bool((bins == i).any()) else None
+            for i in range(4)]
+    return {"flop_ratio": float(per_user.mean()) if len(per_user) else 0.0,
+            "route_counts": counts.tolist(),
+            "routes_used": int((counts > 0).sum()),
+            "routes_over_5pct": int((counts >= 0.05 * n).sum()),
+            "largest_share": float(counts.max()) / n if len(routes) else 0.0,
+            "flop_ratio_by_length_quartile": {"upper_bounds": q.tolist(), "mean": by_q}}
+
+
+def route_flop_ratios(cfg: CANetConfig, ref: CANetConfig | None = None) -> list:
+    """Each route's FLOPs over the max route of `ref` (default: cfg's)."""
+    if ref is None:
+        return cfg.route_flop_ratios()
+    top = ref.route_flops()[-1]
+    return [f / top for f in cfg.route_flops()]
 
 
 def eval_batches(es: EvalSet, batch_size=256):
@@ -156,9 +199,9 @@ def sandwich_routes(cfg: CANetConfig, n: int, gen: torch.Generator):
     return r
 
 
-def flop_ratio(cfg: CANetConfig, counts) -> float:
+def flop_ratio(cfg: CANetConfig, counts, ref: CANetConfig | None = None) -> float:
     counts = torch.as_tensor(counts, dtype=torch.float64)
-    ratios = torch.tensor(cfg.route_flop_ratios(), dtype=torch.float64)
+    ratios = torch.tensor(route_flop_ratios(cfg, ref), dtype=torch.float64)
     return float((counts * ratios).sum() / counts.sum().clamp_min(1))
 
 
@@ -313,6 +356,7 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
 
     tr = split.train
     sel = tcfg.select_metric
+    eval_route = tcfg.fixed_route if tcfg.fixed_route is not None else tcfg.eval_route
     start_epoch = state["epoch"] + 1
     for epoch in range(start_epoch, tcfg.epochs + 1):
         if state["stopped"]:
@@ -346,11 +390,11 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
         if "ce" in rec:
             msg += f" ce {rec['ce']:.4f} train flop ratio {rec['flop_ratio']:.3f}"
         if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
-            if tcfg.fixed_route is None and tcfg.calibrate_flops:
+            if eval_route is None and tcfg.calibrate_flops:
                 rec["cost_bias"] = calibrate(model, split.valid, tcfg.eval_batch_size,
                                              spend=tcfg.spend_budget)
             val = evaluate(model, split.valid, tcfg.ks, tcfg.mask_seen,
-                           tcfg.eval_batch_size, route=tcfg.fixed_route, path=tcfg.path)
+                           tcfg.eval_batch_size, route=eval_route, path=tcfg.path)
             rec["valid"] = {k: v for k, v in val.items() if k != "route_counts"}
             msg += f" | valid {sel} {val[sel]:.4f} flop ratio {val['flop_ratio']:.3f}"
             if state["best"] is None or val[sel] > state["best"][sel]:
@@ -382,7 +426,7 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
     elif out_dir is None and state["best"] is not None:
         model.load_state_dict(best_state)
     test = evaluate(model, split.test, tcfg.ks, tcfg.mask_seen, tcfg.eval_batch_size,
-                    route=tcfg.fixed_route, path=tcfg.path)
+                    route=eval_route, path=tcfg.path)
     results = {"protocol": protocol(tcfg), "best_epoch": state["best_epoch"],
                "epochs_run": state["epoch"], "train_seconds": state["train_seconds"],
                "valid": state["best"], "test": test}

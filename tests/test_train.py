@@ -78,3 +78,24 @@ def test_selection_keeps_the_best_validation_epoch(monkeypatch, tmp_path):
         assert res["best_epoch"] == 2 and res["valid"]["ndcg@10"] == 0.5
         assert torch.equal(weights["test"], weights[0.5])
         assert not torch.equal(weights[0.5], weights[0.2])
+
+
+def test_route_report_quartiles_and_reference():
+    cfg = CANetConfig(n_items=50, max_len=8, emb_widths=(8, 16), hidden_widths=(8, 16),
+                      depths=(1, 2), num_heads=2)
+    ratios = cfg.route_flop_ratios()
+    # 8 users, history lengths 1..8; the short half on route 0, the long on 7
+    routes = torch.tensor([0, 0, 0, 0, 7, 7, 7, 5])
+    rep = T.route_report(cfg, routes, torch.arange(1, 9))
+    assert rep["routes_used"] == 3 and rep["largest_share"] == 0.5
+    assert rep["route_counts"][0] == 4 and rep["route_counts"][7] == 3
+    by_q = rep["flop_ratio_by_length_quartile"]["mean"]
+    assert by_q[0] == by_q[1] == ratios[0]
+    assert by_q[2] == ratios[7] and by_q[3] == (ratios[7] + ratios[5]) / 2
+    # a one-route model measured against the bigger space's max route
+    small = CANetConfig(n_items=50, max_len=8, emb_widths=(8,), hidden_widths=(8,),
+                        depths=(1,), num_heads=2)
+    assert T.route_report(small, torch.zeros(3, dtype=torch.long),
+                          torch.ones(3))["flop_ratio"] == 1.0
+    own = T.route_report(small, torch.zeros(3, dtype=torch.long), torch.ones(3), cfg)
+    assert own["flop_ratio"] == ratios[0] < 1
