@@ -18,7 +18,8 @@ MODEL_OPTIONS = ("max_len", "emb_widths", "hidden_widths", "depths", "num_heads"
                  "uniform_weight", "residual_scale_init", "tie_embeddings")
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "path",
                  "eval_every", "patience", "mask_seen", "calibrate_flops",
-                 "spend_budget", "warmup_epochs", "max_train_seconds", "progress")
+                 "spend_budget", "warmup_epochs", "router_mode", "router_candidates",
+                 "max_train_seconds", "progress")
 
 HELP = {
     "emb_widths": "embedding widths of the routing space (comma-separated)",
@@ -36,11 +37,15 @@ HELP = {
                        "validation users so the routes meet --flop-target",
     "spend_budget": "calibration also lifts routes below --flop-target up to it",
     "warmup_epochs": "epochs of sandwich supernet training before the router trains",
+    "router_mode": "canet: the paper's Gumbel router with guide/uniform/budget losses; "
+                   "value: the router regresses measured per-route losses, the FLOP "
+                   "price is set at inference",
+    "router_candidates": "value mode: random routes measured per batch (plus min, max)",
     "max_train_seconds": "stop after the epoch that brings training time past this",
     "progress": "progress bars",
 }
 ALIASES = {"num_heads": ("--heads",)}
-CHOICES = {"path": ("routed", "masked")}
+CHOICES = {"path": ("routed", "masked"), "router_mode": ("canet", "value")}
 
 
 def _ints(s):

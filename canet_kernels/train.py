@@ -60,6 +60,14 @@ class TrainConfig:
     # Epochs of supernet warm-up before the router trains: routes sampled per
     # sample (a quarter max, a quarter min, the rest uniform: "sandwich"), CE only.
     warmup_epochs: int = 0
+    # How the router learns after the warm-up: "canet" = the paper's
+    # straight-through Gumbel routes with the guide, uniform and budget
+    # losses; "value" = the supernet keeps training on sandwich routes while
+    # the router regresses each sample's measured loss on `router_candidates`
+    # random routes (plus the min and max) and the FLOP price is set at
+    # inference by the calibrated cost bias (CANet.route_value_loss).
+    router_mode: str = "canet"
+    router_candidates: int = 4
     # stop after the first epoch that brings training time past this (a
     # wall-time budget for slow machines); None = no limit
     max_train_seconds: float | None = None
@@ -199,6 +207,12 @@ def sandwich_routes(cfg: CANetConfig, n: int, gen: torch.Generator):
     return r
 
 
+def value_candidates(cfg: CANetConfig, k: int, gen: torch.Generator):
+    """Route ids [<= k + 2]: the min, the max and k other routes at random."""
+    others = torch.randperm(cfg.num_routes - 2, generator=gen)[:k] + 1
+    return torch.cat([torch.tensor([0, cfg.max_route]), others]).unique()
+
+
 def flop_ratio(cfg: CANetConfig, counts, ref: CANetConfig | None = None) -> float:
     counts = torch.as_tensor(counts, dtype=torch.float64)
     ratios = torch.tensor(route_flop_ratios(cfg, ref), dtype=torch.float64)
@@ -328,6 +342,8 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
     Returns (model with the selected weights, results dict)."""
     if model_cfg.max_len < split.max_len:
         raise ValueError(f"model max_len {model_cfg.max_len} < data max_len {split.max_len}")
+    if tcfg.router_mode not in ("canet", "value"):
+        raise ValueError(f"router_mode must be 'canet' or 'value', got {tcfg.router_mode!r}")
     if model_cfg.n_items < split.n_items:
         raise ValueError(f"model n_items {model_cfg.n_items} < data n_items {split.n_items}")
     set_seed(tcfg.seed)
@@ -371,10 +387,18 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
             lengths = tr.lengths[idx]
             L = int(lengths.max())
             routes = _fixed(model, len(idx), tcfg.fixed_route)
-            if routes is None and epoch <= tcfg.warmup_epochs:
+            value = (routes is None and tcfg.router_mode == "value"
+                     and epoch > tcfg.warmup_epochs)
+            if routes is None and (epoch <= tcfg.warmup_epochs or value):
                 routes = sandwich_routes(model.cfg, len(idx), gen)
-            loss, st = model.loss(tr.items[idx, :L], lengths, tr.targets[idx, :L],
-                                  routes=routes, path=tcfg.path)
+            items, targets = tr.items[idx, :L], tr.targets[idx, :L]
+            loss, st = model.loss(items, lengths, targets, routes=routes, path=tcfg.path)
+            if value:
+                cand = value_candidates(model.cfg, tcfg.router_candidates, gen)
+                last = targets[torch.arange(len(idx)), lengths - 1]
+                rv = model.route_value_loss(items, lengths, last, cand)
+                loss = loss + rv
+                st["router"] = rv.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if tcfg.grad_clip:

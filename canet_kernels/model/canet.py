@@ -162,6 +162,26 @@ class CANet(CANetEncoder):
                      small_hit=hit.float().mean().item(), loss=total.item())
         return total, stats
 
+    def route_value_loss(self, items, lengths, targets, candidates):
+        """Router regression on measured route values: the cross-entropy of
+        each sample's last target under each candidate route [K] (route ids,
+        run on the current supernet without gradients or dropout), centred
+        per sample, is what the router's logits (centred the same way) learn
+        to predict, negated: logit_r - mean ~ -(ce_r - mean). At inference
+        argmax(logits - cost_bias * FLOP ratio) then picks, per user, the
+        route with the best predicted loss for its price. targets [B]."""
+        B = items.shape[0]
+        with torch.no_grad():
+            ce = torch.stack([
+                F.cross_entropy(self.last_scores(items, lengths,
+                                                 self.fixed_routes(B, int(r), items.device),
+                                                 dropout=False), targets, reduction="none")
+                for r in candidates.tolist()], 1)                           # [B, K]
+            want = -(ce - ce.mean(1, keepdim=True))
+        pred = self.router(items, lengths)[:, candidates]
+        pred = pred - pred.mean(1, keepdim=True)
+        return F.mse_loss(pred.float(), want.float())
+
     def _score_smallest(self, last):
         w = torch.full((last.shape[0],), self.cfg.hidden_widths[0], dtype=torch.int64,
                        device=last.device)
