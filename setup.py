@@ -94,19 +94,24 @@ def extensions():
     return [ext("canet_kernels._C", sources, **kwargs)]
 
 
+def install_requires():
+    """The runtime dependencies. torch is pinned to the release this build
+    compiles against: the op library does not load into another torch (see
+    pyproject.toml's [build-system]). The local label (+cu130) is left out so
+    that the same release from another index still matches."""
+    torch_release = torch.__version__.split("+")[0]
+    return [f"torch=={torch_release}", "numpy", "safetensors", "tqdm"]
+
+
+# The project's metadata (name, version, extras, the `canet` command) is in
+# pyproject.toml; here only what needs code: the packages (triton_kernels is
+# installed as canet_kernels.triton), the op library and the dependencies.
 setup(
-    name="canet",
-    version="0.1.0",
-    description="Kernels for per-user routed sequential recommenders",
     packages=find_packages(include=["canet_kernels", "canet_kernels.*"]) +
     ["canet_kernels.triton"],
     package_dir={"canet_kernels.triton": "triton_kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(
         use_ninja=shutil.which("ninja") is not None)},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.6", "numpy", "safetensors", "tqdm"],
-    extras_require={"triton": ["triton"],
-                    "test": ["pytest", "pytest-benchmark", "matplotlib"]},
-    entry_points={"console_scripts": ["canet=canet_kernels.cli:main"]},
+    install_requires=install_requires(),
 )

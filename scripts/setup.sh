@@ -22,6 +22,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export MAX_JOBS="${MAX_JOBS:-2}"
 
+# torch: the same release as pyproject.toml's [build-system] pin.
 DEPS=(torch==2.14.1 triton==3.8.0 numpy pytest pytest-benchmark safetensors tqdm
       matplotlib ninja "setuptools>=70" wheel)
 
@@ -78,10 +79,25 @@ switches_changed() {
   return 1
 }
 
+# The torch release the library was built against: it loads into no other,
+# and the editable install's metadata pins it (setup.py).
+torch_release() {
+  python -c 'from importlib.metadata import version
+print(version("torch").split("+")[0])' 2>/dev/null || true
+}
+
+torch_changed() {
+  [[ -f "$stamp" ]] || return 1
+  local built
+  built="$(sed -n 's/^TORCH=//p' "$stamp")"
+  [[ -n "$built" && "$built" != "$(torch_release)" ]]
+}
+
 write_stamp() {
   local name
   {
     echo "PYTHON=$(command -v python)"
+    echo "TORCH=$(torch_release)"
     for name in "${SWITCHES[@]}"; do echo "$name=${!name:-}"; done
   } >"$stamp.new"
   mv "$stamp.new" "$stamp"
@@ -102,6 +118,8 @@ elif [[ -z "$so" ]]; then
   reason="the op library is not built"
 elif [[ "${CANET_FORCE_BUILD:-0}" == 1 ]]; then
   reason="CANET_FORCE_BUILD=1"
+elif torch_changed; then
+  reason="torch changed since the last build"
 elif switches_changed; then
   reason="build switches or python changed"
 elif [[ -n "$(find csrc setup.py -newer "$so" -type f -print -quit)" ]]; then
@@ -117,11 +135,13 @@ if [[ -n "$reason" ]]; then
       if [[ -z "${!name:-}" && -n "$old" ]]; then export "$name=$old"; fi
     done
   fi
-  if [[ "${CANET_NO_VENV:-0}" != 1 ]] && ! installed_here; then
+  if [[ "${CANET_NO_VENV:-0}" != 1 ]] && { ! installed_here || torch_changed; }; then
     log "installing canet editable, which compiles the op library ($reason)"
-    # --use-pep517: an old pip (a fresh venv's) would otherwise run the
-    # legacy `setup.py develop`, which re-invokes pip with build isolation.
-    python -m pip install -q -e . --no-build-isolation --use-pep517
+    # --no-build-isolation: build against the torch installed above (no
+    # second torch in a throw-away build environment). pyproject.toml makes
+    # every pip (a fresh venv's 23.x included) take the PEP 517/660 editable
+    # path, so no --use-pep517 (current pip hides it as a no-op).
+    python -m pip install -q -e . --no-build-isolation
   else
     # The editable install maps the package to this folder: an in-place
     # build is enough, and incremental (objects kept in build/).
