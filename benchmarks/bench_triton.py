@@ -1,29 +1,52 @@
 """The Triton backend's target benchmark: a routed SASRec stack against the
-dense max-size model in plain PyTorch.
+strongest plain-PyTorch dense model of each scenario.
 
     python benchmarks/bench_triton.py [--json OUT.json]          # CUDA, bf16
-    TRITON_INTERPRET=1 python benchmarks/bench_triton.py --smoke  # CPU, seconds
+    TRITON_INTERPRET=1 python benchmarks/bench_triton.py --smoke  # CPU, tiny shapes
 
 Scenarios (forward unless said):
   mixed      1024 samples x 200 tokens, uniform random routes over widths
-             {64, 96, 128} and depths {2, 4, 6, 8}: routed / dense time next to
-             the routed FLOP ratio (the time a perfect backend would reach)
-  max_route  every sample on the max route (width 128, depth 8): routed /
-             dense, target <= 1.05
-  latency    64 samples x 50 tokens, mixed routes
-  training   forward + backward of the mixed batch
-Forward scenarios are timed eager and replayed from CUDA graphs (both models
-captured alike): the graph figures show the kernels without Python's launch
-overhead.
-The routed stack is canet's layer (functional.routed_layer: sliced_attention
--> sliced_add_layernorm -> sliced_ffn -> sliced_add_layernorm) on the route
-plan's prefix views, providers.routed_stack: forward through the Triton
-launchers (ops.KernelOps, nothing saved), training through torch.ops.canet
-served by Triton (register(force=True)). The dense model is providers'
-dense_stack (F.linear + scaled_dot_product_attention + F.layer_norm at width
-128 on every layer, all samples padded), on the same weights and batch
-(providers.make_weights / make_batch). Providers are timed interleaved
-(benchmarks/timing.py): medians and quartiles. FLOPs: canet_kernels/flops.py.
+             {64, 96, 128} and depths {2, 4, 6, 8}. Target: routed in CUDA
+             graphs / fastest dense <= 1.10 x the routed FLOP ratio (the
+             ratio a perfect backend would reach)
+  max_route  every sample on the max route (width 128, depth 8). Target:
+             fastest routed / fastest dense <= 1.0
+  latency    64 samples x 50 tokens, mixed routes. Target: routed in CUDA
+             graphs below the fastest dense
+  training   one training step of the mixed batch as a user runs it: forward,
+             loss, backward, AdamW step (fused on CUDA) over the weights, the
+             input's gradient too (what the embeddings need). Target: fastest
+             routed / fastest dense <= 1.25 x the FLOP ratio
+
+Variants, each on the same weights and batch (providers.make_weights /
+make_batch), timed interleaved (benchmarks/timing.py; CUDA events on CUDA):
+  routed                 canet's layer (functional.routed_layer:
+                         sliced_attention -> sliced_add_layernorm ->
+                         sliced_ffn -> sliced_add_layernorm) on the route
+                         plan's prefix views (providers.routed_stack); forward
+                         through the Triton launchers (ops.KernelOps, nothing
+                         saved), training through torch.ops.canet served by
+                         Triton (register(force=True))
+  dense                  providers.dense_stack: F.linear +
+                         scaled_dot_product_attention + F.layer_norm at width
+                         128 on every layer, every sample (eager)
+  dense-compile          the same through torch.compile (inductor,
+                         dynamic=False, fullgraph) in the mode measured
+                         fastest at the start of the run (--compile-modes)
+  bucket, bucket-compile the sort-by-width alternative (providers.Bucket):
+                         one plain-PyTorch call per width bucket and op,
+                         eager and compiled
+  *-graphs               the variant captured in one CUDA graph
+                         (timing.cuda_graph) and replayed: no Python or launch
+                         overhead; training captures the whole step (capturable
+                         AdamW). CUDA only: on the CPU they are listed as
+                         unavailable, with the reason
+Every ratio is against the fastest dense variant of its scenario (dense,
+dense-graphs, dense-compile, dense-compile-graphs), named in the output. The
+route plan and the bucket layout are built once per batch outside the timed
+calls, as a model builds them once for all its layers; torch.compile
+compiles once per shape before timing (compile_s in the JSON). FLOPs:
+canet_kernels/flops.py.
 """
 from __future__ import annotations
 
@@ -44,6 +67,15 @@ HEADS, RATIO = 4, 4
 # benchmarks.providers (and canet_kernels) are imported inside the functions:
 # on a CUDA machine importing canet_kernels imports triton, which must come
 # after --smoke has set TRITON_INTERPRET.
+
+# scenario -> (routed variant the target reads: a name or "fastest",
+#              "flop" (limit x the FLOP ratio) or "plain" (limit), limit, strict <)
+TARGETS = {
+    "mixed": ("routed-graphs", "flop", 1.10, False),
+    "max_route": ("fastest", "plain", 1.0, False),
+    "latency": ("routed-graphs", "plain", 1.0, True),
+    "training": ("fastest", "flop", 1.25, False),
+}
 
 
 # ------------------------------------------------------------------ setup --
@@ -67,81 +99,252 @@ def routed_flop_ratio(batch, layers):
             / FL.dense_flops(b.B, b.L, b.x.shape[-1], layers, RATIO))
 
 
-# ---------------------------------------------------------------- timing --
+def _err(exc) -> str:
+    msg = str(exc).strip()
+    return f"{type(exc).__name__}: {msg.splitlines()[0][:300] if msg else ''}"
 
-def cuda_graph(fn):
-    """A replay function for fn captured in a CUDA graph (fn reads fixed
-    buffers), or raises when capture fails (e.g. an op synchronises)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+
+def _out_tensor(out):
+    """A comparable tensor of a variant's output (Bucket: its rows, cat)."""
+    if isinstance(out, (list, tuple)):
+        return torch.cat([h.reshape(-1) for _, h in out])
+    return out
+
+
+def build_variants(builders, unavailable, device):
+    """Builds each variant (name -> zero-arg builder returning the timed
+    callable) and calls it once: compiles, captures, warms. Returns the
+    callables, seconds to build and first-call, the first outputs and the
+    errors (a variant that fails is reported, not fatal)."""
+    from benchmarks import timing
+    fns, compile_s, outs, errors = {}, {}, {}, {}
+    for name, build in builders.items():
+        if name in unavailable:
+            continue
+        try:
+            t0 = time.perf_counter()
+            fn = build()
+            outs[name] = fn()
+            timing.sync(device)
+            compile_s[name] = time.perf_counter() - t0
+            fns[name] = fn
+            if compile_s[name] > 1:
+                print(f"  ({name} built in {compile_s[name]:.1f} s)", flush=True)
+        except Exception as exc:  # noqa: BLE001  reported, not fatal
+            errors[name] = _err(exc)
+    return fns, compile_s, outs, errors
+
+
+def variant_set(device, mode, skip):
+    """name -> reason for the variants that cannot run here."""
+    from benchmarks import providers as P
+    unavailable = {}
+    gok, gwhy = P.graphs_available(device)
+    cok, cwhy = P.compile_available(device)
+    if mode is None:
+        cok, cwhy = False, "no compile mode compiled (see compile_mode_selection)"
+    for name in ("routed-graphs", "dense-graphs", "dense-compile-graphs",
+                 "bucket-compile-graphs"):
+        if not gok:
+            unavailable[name] = gwhy
+    for name in ("dense-compile", "dense-compile-graphs", "bucket-compile",
+                 "bucket-compile-graphs"):
+        if not cok:
+            unavailable.setdefault(name, cwhy)
+    for name in skip:
+        unavailable.setdefault(name, "skipped (--skip)")
+    return unavailable
 
 
 # ------------------------------------------------------------- scenarios --
 
-def forward_scenario(name, cfg, batch, W, kt, device, graphs):
+def select_compile_mode(modes, cfg, batch, W, device):
+    """The torch.compile mode of the dense forward measured fastest on
+    `batch` (the run's first scenario): (mode or None, per-mode figures)."""
+    from benchmarks import providers as P
+    from benchmarks import timing
+    b = batch["batch"]
+    info, fns = {}, {}
+    ok, why = P.compile_available(device)
+    if not ok:
+        return None, {m: dict(error=why) for m in modes}
+    with torch.no_grad():
+        for mode in modes:
+            prov = P.DenseCompiled(mode)
+            try:
+                t0 = time.perf_counter()
+                fn = (lambda prov=prov: prov.forward(W, b))
+                fn()
+                timing.sync(device)
+                info[mode] = dict(compile_s=time.perf_counter() - t0)
+                fns[mode] = fn
+            except Exception as exc:  # noqa: BLE001
+                info[mode] = dict(error=_err(exc))
+        if not fns:
+            return None, info
+        if len(fns) == 1:
+            return next(iter(fns)), info
+        res = timing.interleaved(fns, rounds=min(cfg["reps"], 5), warmup=cfg["warmup"],
+                                 device=device, clock="events")
+    for mode, r in res.items():
+        info[mode]["median_ms"] = r["median_ms"]
+    return min(res, key=lambda m: res[m]["median_ms"]), info
+
+
+def forward_scenario(cfg, batch, W, kt, device, mode, skip):
     from benchmarks import providers as P
     from benchmarks import timing
     from canet_kernels.ops import KernelOps
     plan, b = batch["plan"], batch["batch"]
     ops = KernelOps(kt.KERNELS)
-    fns = {
+    bucket = P.Bucket()
+    layout = bucket.layout(b)
+    dc, bc = P.DenseCompiled(mode or "default"), P.BucketCompiled(mode or "default")
+    base = {
         "routed": lambda: P.routed_stack(ops, plan, batch["x"], W),
         "dense": lambda: P.dense_stack(b.x, W),
+        "dense-compile": lambda: dc.forward(W, b),
+        "bucket": lambda: bucket.run(W, b.x, layout),
+        "bucket-compile": lambda: bc.run(W, b.x, layout),
     }
-    errors = {}
+    builders = {}
+    for name, fn in base.items():
+        builders[name] = (lambda fn=fn: fn)
+        if name != "bucket":
+            builders[name + "-graphs"] = (lambda fn=fn: timing.cuda_graph(fn))
+    unavailable = variant_set(device, mode, skip)
     with torch.no_grad():
-        if graphs:
-            for key in ("routed", "dense"):
-                try:
-                    fns[key + "_graph"] = cuda_graph(fns[key])
-                except Exception as exc:  # noqa: BLE001  reported, not fatal
-                    errors[key + "_graph"] = f"{type(exc).__name__}: {exc}"
+        fns, compile_s, outs, errors = build_variants(builders, unavailable, device)
+        check = {}
+        for name, out in outs.items():
+            ref = outs.get("bucket" if name.startswith("bucket") else
+                           "routed" if name.startswith("routed") else "dense")
+            if ref is not None and ref is not out:
+                check[name] = (_out_tensor(out).float() - _out_tensor(ref).float()
+                               ).abs().max().item()
+        del outs
         res = timing.interleaved(fns, rounds=cfg["reps"], warmup=cfg["warmup"],
-                                 device=device)
-    ratio = res["routed"]["median_ms"] / res["dense"]["median_ms"]
-    out = dict(B=b.B, L=b.L, providers=res, routed_over_dense=ratio,
-               routed_flop_ratio=routed_flop_ratio(batch, cfg["layers"]))
-    if "routed_graph" in res and "dense_graph" in res:
-        out["graph_routed_over_dense"] = (res["routed_graph"]["median_ms"]
-                                          / res["dense_graph"]["median_ms"])
-    if errors:
-        out["errors"] = errors
-    return out
-
-
-def training_scenario(cfg, batch, W, device):
-    """Forward + backward; the routed stack through torch.ops.canet (the
-    public ops and their autograd, served by Triton after register(force=True))."""
-    from benchmarks import providers as P
-    from benchmarks import timing
-    plan, b = batch["plan"], batch["batch"]
-    x = batch["x"].detach().requires_grad_()
-    dx = b.x.detach().requires_grad_()
-    g = torch.randn_like(x)
-    dg = torch.randn_like(dx)
-    params = P.weight_tensors(W)
-
-    def routed():
-        y = P.routed_stack(P.CF, plan, x, W)
-        torch.autograd.grad(y, [x] + params, g, allow_unused=True)
-
-    def dense():
-        y = P.dense_stack(dx, W)
-        torch.autograd.grad(y, [dx] + params, dg)
-
-    res = timing.interleaved(dict(routed=routed, dense=dense), rounds=cfg["reps"],
-                             warmup=cfg["warmup"], device=device)
-    return dict(B=b.B, L=b.L, providers=res,
-                routed_over_dense=res["routed"]["median_ms"] / res["dense"]["median_ms"],
+                                 device=device, clock="events")
+    return dict(B=b.B, L=b.L, providers=res, compile_s=compile_s,
+                max_abs_diff_vs_eager=check, unavailable=unavailable, errors=errors,
                 routed_flop_ratio=routed_flop_ratio(batch, cfg["layers"]))
+
+
+def training_scenario(cfg, batch, weights, device, mode, skip):
+    """One training step per variant, each on its own trainable copy of the
+    weights with its own AdamW; the routed stack through torch.ops.canet
+    (the public ops and their autograd, served by Triton after
+    register(force=True))."""
+    from benchmarks import providers as P
+    plan, b = batch["plan"], batch["batch"]
+    layout = P.Bucket.layout(b)
+    dc, bc = P.DenseCompiled(mode or "default"), P.BucketCompiled(mode or "default")
+
+    def leaf(t):
+        return t.detach().clone().requires_grad_()
+
+    def step(make_loss, graphs):
+        """make_loss(W, x) -> zero-arg loss; a TrainStep on fresh leaves."""
+        def build():
+            W = P.trainable(weights)
+            x = leaf(batch["x"] if make_loss is routed else b.x)
+            return P.TrainStep(make_loss(W, x), W, extra=[x], graphs=graphs)
+        return build
+
+    def routed(W, x):
+        return lambda: P.routed_stack(P.CF, plan, x, W).float().square().mean()
+
+    def dense(W, x):
+        return lambda: P._dense_loss(x, W)
+
+    def bucket(W, x):
+        return lambda: P._bucket_loss(x, W, layout)
+
+    makers = {"routed": routed, "dense": dense,
+              "dense-compile": lambda W, x: dc.loss_fn(W, x),
+              "bucket": bucket,
+              "bucket-compile": lambda W, x: bc.loss_fn(W, x, layout)}
+    builders = {}
+    for name, make in makers.items():
+        builders[name] = step(make, False)
+        if name != "bucket":
+            builders[name + "-graphs"] = step(make, True)
+    unavailable = variant_set(device, mode, skip)
+    from benchmarks import timing
+    fns, compile_s, _, errors = build_variants(builders, unavailable, device)
+    res = timing.interleaved(fns, rounds=cfg["reps"], warmup=cfg["warmup"],
+                             device=device, clock="events")
+    return dict(B=b.B, L=b.L, providers=res, compile_s=compile_s,
+                unavailable=unavailable, errors=errors, optimizer="AdamW lr 1e-5 "
+                "(fused; capturable in the graphs variants)",
+                routed_flop_ratio=routed_flop_ratio(batch, cfg["layers"]))
+
+
+def analyse(name, res):
+    """Adds the fastest dense variant, every variant over it, and the
+    scenario's target to a scenario result."""
+    ms = {n: r["median_ms"] for n, r in res["providers"].items()}
+    dense = {n: t for n, t in ms.items() if n.startswith("dense")}
+    routed = {n: t for n, t in ms.items() if n.startswith("routed")}
+    fr = res["routed_flop_ratio"]
+    if "routed" in ms and "dense" in ms:
+        res["routed_over_dense"] = ms["routed"] / ms["dense"]          # eager / eager
+    if "routed-graphs" in ms and "dense-graphs" in ms:
+        res["graph_routed_over_dense"] = ms["routed-graphs"] / ms["dense-graphs"]
+    if not dense:
+        return res
+    best = min(dense, key=dense.get)
+    res["best_dense"] = dict(name=best, median_ms=dense[best])
+    res["over_best_dense"] = {n: t / dense[best] for n, t in ms.items()}
+    if routed:
+        fastest = min(routed, key=routed.get)
+        res["best_routed"] = dict(name=fastest, median_ms=routed[fastest])
+        res["routed_over_best_dense"] = routed[fastest] / dense[best]
+        res["over_flop_ratio"] = res["routed_over_best_dense"] / fr
+    which, kind, limit, strict = TARGETS.get(name, (None, None, None, None))
+    if which is None:
+        return res
+    basis = min(routed, key=routed.get) if which == "fastest" and routed else which
+    text = (f"{'fastest routed' if which == 'fastest' else which} / fastest dense "
+            f"{'<' if strict else '<='} {limit}"
+            + (" x the FLOP ratio" if kind == "flop" else ""))
+    res["target"] = text
+    if basis not in ms:
+        res["meets_target"] = None
+        res["target_note"] = f"{which} not measured here"
+        return res
+    ratio = ms[basis] / dense[best]
+    value = ratio / fr if kind == "flop" else ratio
+    res["target_routed"] = basis
+    res["target_value"] = value
+    res["meets_target"] = bool(value < limit if strict else value <= limit)
+    return res
+
+
+def report(name, res):
+    best = res.get("best_dense")
+    print(f"{name} B={res['B']} L={res['L']}: FLOP ratio {res['routed_flop_ratio']:.3f}"
+          + (f"; fastest dense: {best['name']} {best['median_ms']:.3f} ms" if best else ""),
+          flush=True)
+    for n, r in res["providers"].items():
+        rel = res.get("over_best_dense", {}).get(n)
+        line = f"  {n:22s} {r['median_ms']:10.3f} ms"
+        if rel is not None:
+            line += f"  / fastest dense {rel:6.3f}"
+            if n.startswith("routed"):
+                line += f"  (/ FLOP ratio {rel / res['routed_flop_ratio']:6.3f})"
+        if n in res.get("compile_s", {}):
+            line += f"  [build {res['compile_s'][n]:.1f} s]"
+        print(line)
+    for n, why in res.get("unavailable", {}).items():
+        print(f"  {n:22s} unavailable: {why}")
+    for n, err in res.get("errors", {}).items():
+        print(f"  {n:22s} failed: {err}")
+    if "target" in res:
+        met = res["meets_target"]
+        state = ("not measured: " + res.get("target_note", "")) if met is None else \
+            f"{res['target_value']:.3f} -> {'met' if met else 'missed'}"
+        print(f"  target: {res['target']}: {state}", flush=True)
 
 
 def kernel_profile(fns, top=12):
@@ -172,7 +375,9 @@ def kernel_profile(fns, top=12):
     return out
 
 
-# scenario: (samples, tokens per sample, widths, depths)
+# scenario: (samples, tokens per sample, widths, depths). The smoke shapes of
+# mixed, max_route and training match, so the compiled dense forward is
+# compiled once for them.
 CONFIGS = {
     "full": dict(D=128, layers=8, dtype=torch.bfloat16, reps=15, warmup=3,
                  scenarios=dict(mixed=(1024, 200, [64, 96, 128], [2, 4, 6, 8]),
@@ -181,9 +386,9 @@ CONFIGS = {
                                 training=(1024, 200, [64, 96, 128], [2, 4, 6, 8]))),
     "smoke": dict(D=32, layers=2, dtype=torch.float32, reps=1, warmup=0,
                   scenarios=dict(mixed=(3, 5, [16, 24, 32], [1, 2]),
-                                 max_route=(2, 3, [32], [2]),
+                                 max_route=(3, 5, [32], [2]),
                                  latency=(2, 3, [16, 32], [1, 2]),
-                                 training=(3, 4, [16, 32], [1, 2]))),
+                                 training=(3, 5, [16, 32], [1, 2]))),
 }
 
 
@@ -193,6 +398,13 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on the CPU (TRITON_INTERPRET=1), to exercise the code")
     ap.add_argument("--only", nargs="*", help="scenarios to run (default: all)")
+    ap.add_argument("--skip", nargs="*", default=[],
+                    help="variants not to run (e.g. bucket-compile bucket-compile-graphs)")
+    ap.add_argument("--compile-modes",
+                    help="comma-separated torch.compile modes measured on the first "
+                    "scenario's dense forward; the fastest compiles every compiled "
+                    "variant (default: default,max-autotune-no-cudagraphs; --smoke: "
+                    "default, to keep its compiles few)")
     ap.add_argument("--blocks", help="JSON of tile-shape overrides, as written by "
                     "tune_triton.py --write-blocks ({'ffn/half': {...}, ...})")
     ap.add_argument("--profile", action="store_true",
@@ -203,6 +415,10 @@ def main(argv=None):
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
         device = torch.device("cpu")
+        # tiny shapes: one thread (OpenMP hand-offs of a loaded machine cost
+        # more than the work; measured 250 ms for a 2-layer dense forward
+        # with 2 threads, 0.15 ms with 1)
+        torch.set_num_threads(1)
     else:
         if not torch.cuda.is_available():
             sys.exit("bench_triton: no CUDA device (use --smoke for the CPU interpreter)")
@@ -212,6 +428,7 @@ def main(argv=None):
     import canet_kernels  # noqa: F401  registers the ops
     import canet_kernels.triton as kt
     from benchmarks import providers as P
+    from benchmarks import timing
     kt.register(force=True)
     blocks = {}
     if args.blocks:
@@ -226,51 +443,65 @@ def main(argv=None):
 
     D, layers, dtype = cfg["D"], cfg["layers"], cfg["dtype"]
     weights = P.make_weights(D, layers, RATIO, HEADS, dtype=dtype, device=device)
-    grad_weights = P.trainable(weights)
+    todo = args.only or list(cfg["scenarios"])
+    batches = {}
+
+    def batch_of(name):
+        if name not in batches:
+            B, L, widths, depths = cfg["scenarios"][name]
+            batches[name] = make_batch(B, L, widths, depths, D, dtype, device,
+                                       seed=list(cfg["scenarios"]).index(name))
+        return batches[name]
+
+    modes = args.compile_modes or ("default" if args.smoke else ",".join(P.COMPILE_MODES))
+    modes = [m.strip() for m in modes.split(",") if m.strip()]
+    t0 = time.perf_counter()
+    mode, selection = select_compile_mode(modes, cfg, batch_of(todo[0]), weights, device)
+    print(f"torch.compile mode: {mode} ({time.perf_counter() - t0:.1f} s; "
+          + ", ".join(f"{m}: " + (f"{v['median_ms']:.3f} ms" if "median_ms" in v else
+                                  v.get("error", f"compiled in {v['compile_s']:.1f} s"))
+                      for m, v in selection.items()) + ")", flush=True)
     meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else
                 f"cpu ({platform.processor() or platform.machine()}, triton interpreter)",
                 torch=torch.__version__, triton=triton.__version__, dtype=str(dtype),
                 D=D, layers=layers, heads=HEADS, ffn_ratio=RATIO, smoke=args.smoke,
-                block_overrides=blocks)
+                block_overrides=blocks, compile_mode=mode, compile_mode_selection=selection,
+                timing="interleaved medians; CUDA events on CUDA, wall clock on the CPU",
+                machine=timing.machine_info(device))
     results = {}
-    todo = args.only or list(cfg["scenarios"])
     for name in todo:
-        B, L, widths, depths = cfg["scenarios"][name]
-        batch = make_batch(B, L, widths, depths, D, dtype, device, seed=len(results))
+        batch = batch_of(name)
         t0 = time.perf_counter()
         if name == "training":
-            res = training_scenario(cfg, batch, grad_weights, device)
+            res = training_scenario(cfg, batch, weights, device, mode, args.skip)
         else:
-            res = forward_scenario(name, cfg, batch, weights, kt, device,
-                                   graphs=device.type == "cuda")
+            res = forward_scenario(cfg, batch, weights, kt, device, mode, args.skip)
         res["wall_s"] = time.perf_counter() - t0
-        results[name] = res
-        extra = (f", graphs {res['graph_routed_over_dense']:.3f}"
-                 if "graph_routed_over_dense" in res else "")
-        print(f"{name:10s} B={B} L={L}: routed {res['providers']['routed']['median_ms']:.3f} ms, "
-              f"dense {res['providers']['dense']['median_ms']:.3f} ms, routed/dense "
-              f"{res['routed_over_dense']:.3f} (FLOP ratio {res['routed_flop_ratio']:.3f}){extra}",
-              flush=True)
-        for key, err in res.get("errors", {}).items():
-            print(f"  {key}: {err}")
+        results[name] = analyse(name, res)
+        report(name, res)
+        write(args.json, dict(meta=meta, results=results))  # a later timeout keeps these
     if args.profile and device.type == "cuda":
-        B, L, widths, depths = cfg["scenarios"]["mixed"]
-        batch = make_batch(B, L, widths, depths, D, dtype, device)
+        batch = batch_of("mixed")
         from canet_kernels.ops import KernelOps
         ops = KernelOps(kt.KERNELS)
+        fns = dict(routed=lambda: P.routed_stack(ops, batch["plan"], batch["x"], weights),
+                   dense=lambda: P.dense_stack(batch["batch"].x, weights))
+        if mode is not None:
+            dc = P.DenseCompiled(mode)
+            fns["dense-compile"] = lambda: dc.forward(weights, batch["batch"])
         with torch.no_grad():
-            results["profile"] = kernel_profile(dict(
-                routed=lambda: P.routed_stack(ops, batch["plan"], batch["x"], weights),
-                dense=lambda: P.dense_stack(batch["batch"].x, weights)))
-    if "max_route" in results:
-        results["max_route"]["target"] = "routed/dense <= 1.05"
-        results["max_route"]["meets_target"] = results["max_route"]["routed_over_dense"] <= 1.05
+            results["profile"] = kernel_profile(fns)
     out = dict(meta=meta, results=results)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    write(args.json, out)
     return out
+
+
+def write(path, out):
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(out, f, indent=2)
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,18 @@ it to [B, L, D] with `padded` for comparisons.
                the dispatcher serves)
   reference    the same with canet_kernels.reference (slow; tests only)
 
+The strongest plain-PyTorch variants of the dense and bucket models:
+  dense-compile, dense-compile-max-autotune, bucket-compile
+               torch.compile (inductor; dynamic=False, fullgraph=True) of
+               dense_stack and of Bucket's tensor work, mode "default" or
+               "max-autotune-no-cudagraphs"; compiled once per shape (and
+               bucket layout) on the first call
+  dense-graphs, dense-compile-graphs, bucket-compile-graphs
+               (CUDA) the forward captured in a CUDA graph on its first call
+               with given weights and batch, replayed after (`Graphed`)
+Training steps as a user runs them (forward, loss, backward, AdamW over the
+weight leaves, optionally the whole step in one CUDA graph): `TrainStep`.
+
 Right padding makes causal attention exact for real tokens: a real token
 never sees a padded one, so the padded providers need no key mask.
 """
@@ -323,16 +335,30 @@ class LoopRoutes(Provider):
 class Bucket(Provider):
     """Sort by (width, depth desc) once; each width bucket is a contiguous
     block of packed rows kept at its own width, and every op is one plain
-    PyTorch call per bucket on the active prefix of its rows."""
+    PyTorch call per bucket on the active prefix of its rows.
+
+    `layout(batch)` does the sorting and index building (Python lists and
+    index tensors); `run(W, x, layout)` is the tensor work on it, a pure
+    function of x, W and the layout (what `bucket-compile` compiles)."""
     name = "bucket"
 
     def forward(self, W, batch):
+        return self.run(W, batch.x, self.layout(batch))
+
+    @staticmethod
+    def layout(batch: Batch) -> tuple:
+        """((width, rows, per-layer ((b, t, n, pad_rows), ...)), ...) per
+        width bucket: `rows` the flat [B * L] indices of the bucket's tokens
+        in packed order, and for each layer the number b of its samples still
+        active (depths sorted descending), their row count t, their longest
+        length n and the rows of a padded [b, n] attention input (None when
+        all b samples have length n: a view suffices). Ints and tensors only,
+        so a compiled `run` specialises on it."""
         widths, depths, lengths = (t.tolist() for t in
                                    (batch.widths, batch.depths, batch.lengths))
         order = sorted(range(batch.B), key=lambda i: (-widths[i], -depths[i]))
         dev = batch.x.device
-        flat = batch.x.reshape(-1, batch.x.shape[-1])
-        out = []
+        groups = []
         s = 0
         while s < len(order):
             w = widths[order[s]]
@@ -340,41 +366,38 @@ class Bucket(Provider):
             while e < len(order) and widths[order[e]] == w:
                 e += 1
             ids = order[s:e]
-            idx = torch.tensor(ids, device=dev)
-            rows = token_index(batch.lengths, batch.L, order=idx)
-            x = flat[:, :w].index_select(0, rows)                     # [T_w, w]
+            rows = token_index(batch.lengths, batch.L,
+                               order=torch.tensor(ids, device=dev))
             lens = [lengths[i] for i in ids]
+            deps = [depths[i] for i in ids]
             cu = [0]
             for n in lens:
                 cu.append(cu[-1] + n)
-            x = self._bucket_layers(W, x, w, lens, cu, [depths[i] for i in ids])
-            out.append((rows, x))
+            layers = []
+            for l in range(max(deps)):
+                b = sum(1 for d in deps if d > l)
+                n = max(lens[:b])
+                pad = None
+                if any(v != n for v in lens[:b]):
+                    pad = token_index(torch.tensor(lens[:b], device=dev), n)
+                layers.append((b, cu[b], n, pad))
+            groups.append((w, rows, tuple(layers)))
             s = e
-        return out
+        return tuple(groups)
+
+    def run(self, W, x, layout):
+        """[(rows, hidden [T_w, w]) per bucket] for the padded x [B, L, D]."""
+        return list(zip([g[1] for g in layout], _bucket_hidden(x, W, layout)))
 
     @staticmethod
     def _attention(x, p, w, heads, lens):
         """Attention on packed rows of one bucket: a view when every sample
         has the same length, else padded through one index_copy."""
-        b, n = len(lens), max(lens)
-        if all(v == n for v in lens):
-            return padded_attention(x.view(b, n, w), p, w, heads).reshape(-1, w)
-        rows = token_index(torch.tensor(lens, device=x.device), n)
-        xp = x.new_zeros(b * n, w).index_copy(0, rows, x).view(b, n, w)
-        return padded_attention(xp, p, w, heads).reshape(-1, w).index_select(0, rows)
-
-    def _bucket_layers(self, W, x, w, lens, cu, depths):
-        for l, p in enumerate(W["layers"]):
-            b = sum(1 for d in depths if d > l)        # depths sorted descending
-            if b == 0:
-                break
-            t = cu[b]
-            xa = x[:t]
-            a = self._attention(xa, p, w, W["heads"], lens[:b])
-            xa = add_ln(a, xa, p, "ln1", w)
-            xa = add_ln(ffn(xa, p, w, W["ratio"]), xa, p, "ln2", w)
-            x = xa if t == x.shape[0] else torch.cat([xa, x[t:]])
-        return x
+        n = max(lens)
+        pad = None
+        if any(v != n for v in lens):
+            pad = token_index(torch.tensor(lens, device=x.device), n)
+        return _bucket_attention(x, p, w, heads, len(lens), n, pad)
 
     def padded(self, out, batch):
         B, L, D = batch.x.shape
@@ -385,6 +408,39 @@ class Bucket(Provider):
 
     def loss(self, out):
         return sum(x.float().square().mean() for _, x in out)
+
+
+def _bucket_attention(x, p, w, heads, b, n, pad):
+    """Attention on the packed rows x [T, w] of b samples, the longest n
+    tokens long; `pad` (rows of a padded [b, n] batch) or None (all n long)."""
+    if pad is None:
+        return padded_attention(x.view(b, n, w), p, w, heads).reshape(-1, w)
+    xp = x.new_zeros(b * n, w).index_copy(0, pad, x).view(b, n, w)
+    return padded_attention(xp, p, w, heads).reshape(-1, w).index_select(0, pad)
+
+
+def _bucket_hidden(x, W, layout):
+    """Bucket's tensor work: the output rows of every width bucket."""
+    flat = x.reshape(-1, x.shape[-1])
+    heads, ratio = W["heads"], W["ratio"]
+    out = []
+    for w, rows, layers in layout:
+        h = flat[:, :w].index_select(0, rows)                          # [T_w, w]
+        for p, (b, t, n, pad) in zip(W["layers"], layers):
+            ha = h[:t]
+            ha = add_ln(_bucket_attention(ha, p, w, heads, b, n, pad), ha, p, "ln1", w)
+            ha = add_ln(ffn(ha, p, w, ratio), ha, p, "ln2", w)
+            h = ha if t == h.shape[0] else torch.cat([ha, h[t:]])
+        out.append(h)
+    return out
+
+
+def _bucket_loss(x, W, layout):
+    return sum(h.float().square().mean() for h in _bucket_hidden(x, W, layout))
+
+
+def _dense_loss(x, W):
+    return dense_stack(x, W).float().square().mean()
 
 
 class Canet(Provider):
@@ -459,11 +515,204 @@ class CanetCuda(Canet):
         return True, ""
 
 
+# ------------------------------------------ compiled and graphed variants --
+# torch.compile (inductor) of the plain-PyTorch providers, the strongest
+# plain-PyTorch models: dynamic=False (one specialised compile per shape and
+# route layout), fullgraph=True (no silent fallback to eager). The first
+# call with a new shape compiles: benchmarks call `prepare` (or one warm-up
+# call) before they time. "max-autotune-no-cudagraphs" also autotunes the
+# GEMM and fusion choices; bench_triton measures both modes at the start of
+# a run and keeps the faster one.
+
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+_COMPILED: dict = {}
+
+
+def _raise_recompile_limit(n: int = 64) -> None:
+    """Dynamo keeps its compiled variants per code object, 8 by default;
+    every shape, layout, grad mode and compile mode of a run is one."""
+    cfg = torch._dynamo.config
+    for key in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, key) and getattr(cfg, key) < n:
+            setattr(cfg, key, n)
+
+
+def compiled(fn, mode: str = "default"):
+    """torch.compile(fn) in `mode`, one wrapper per (fn, mode)."""
+    key = (fn, mode)
+    if key not in _COMPILED:
+        _raise_recompile_limit()
+        _COMPILED[key] = torch.compile(fn, mode=mode, dynamic=False, fullgraph=True)
+    return _COMPILED[key]
+
+
+def compile_available(device) -> tuple[bool, str]:
+    """Whether torch.compile's inductor can generate code for `device`."""
+    dev = torch.device(device).type
+    try:
+        from torch._dynamo.eval_frame import is_dynamo_supported
+        if not is_dynamo_supported():
+            return False, "torch.compile is not supported on this Python"
+    except Exception as exc:  # noqa: BLE001
+        return False, f"torch._dynamo does not import ({exc})"
+    if dev == "cpu":
+        import shutil
+        cxx = os.environ.get("CXX") or "g++"
+        if not (shutil.which(cxx) or shutil.which("c++") or shutil.which("clang++")):
+            return False, "inductor's CPU backend needs a C++ compiler (none found)"
+    elif dev == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False, "inductor's CUDA backend needs triton"
+    return True, ""
+
+
+def graphs_available(device) -> tuple[bool, str]:
+    if torch.device(device).type != "cuda":
+        return False, "CUDA graphs need a CUDA device"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    return True, ""
+
+
+class DenseCompiled(Dense):
+    """The dense stack through torch.compile (inductor) in `mode`."""
+
+    def __init__(self, mode: str = "default", name: str | None = None):
+        self.mode = mode
+        self.name = name or ("dense-compile" if mode == "default"
+                             else "dense-compile-" + mode.replace("-no-cudagraphs", ""))
+
+    def available(self, device):
+        return compile_available(device)
+
+    def forward(self, W, batch):
+        return compiled(dense_stack, self.mode)(batch.x, W)
+
+    def loss_fn(self, W, x):
+        """A zero-argument training loss (forward + loss compiled together,
+        the backward by AOTAutograd) on fixed x and W."""
+        fn = compiled(_dense_loss, self.mode)
+        return lambda: fn(x, W)
+
+
+class BucketCompiled(Bucket):
+    """Bucket's tensor work (`run` on a layout) through torch.compile; the
+    layout (sorting, index tensors) stays eager, like canet's route plan."""
+
+    def __init__(self, mode: str = "default", name: str | None = None):
+        self.mode = mode
+        self.name = name or ("bucket-compile" if mode == "default"
+                             else "bucket-compile-" + mode.replace("-no-cudagraphs", ""))
+
+    def available(self, device):
+        return compile_available(device)
+
+    def run(self, W, x, layout):
+        hidden = compiled(_bucket_hidden, self.mode)(x, W, layout)
+        return list(zip([g[1] for g in layout], hidden))
+
+    def loss_fn(self, W, x, layout):
+        fn = compiled(_bucket_loss, self.mode)
+        return lambda: fn(x, W, layout)
+
+
+class Graphed(Provider):
+    """A provider's forward replayed from a CUDA graph (timing.cuda_graph),
+    captured on the first call with given weights and batch objects (and
+    grad mode): later calls with the same objects replay it and return the
+    same output tensors, overwritten in place. Inference only; graphed
+    training steps are `TrainStep(..., graphs=True)`."""
+
+    def __init__(self, base: Provider):
+        self.base, self.name, self.kind = base, base.name + "-graphs", base.kind
+        self._graphs: dict = {}
+
+    def available(self, device):
+        ok, why = graphs_available(device)
+        return (ok, why) if not ok else self.base.available(device)
+
+    def forward(self, W, batch):
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"{self.name}: forward under no_grad/inference_mode only "
+                               "(training: TrainStep(graphs=True))")
+        from benchmarks import timing
+        key = (id(W), id(batch), torch.is_inference_mode_enabled())
+        if key not in self._graphs:   # the closure keeps W and batch (and their ids) alive
+            self._graphs[key] = timing.cuda_graph(lambda: self.base.forward(W, batch))
+        return self._graphs[key]()
+
+    def padded(self, out, batch):
+        return self.base.padded(out, batch)
+
+    def loss(self, out):
+        return self.base.loss(out)
+
+
+def optimizer(params, lr: float = 1e-5, capturable: bool = False):
+    """AdamW as a user trains with it: fused on CUDA (and on the CPU where
+    this torch has the fused CPU kernel), foreach otherwise."""
+    params = list(params)
+    dev = params[0].device.type
+    kw = dict(fused=True)
+    if dev == "cuda":
+        kw["capturable"] = capturable
+    try:
+        return torch.optim.AdamW(params, lr=lr, **kw)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, foreach=dev == "cuda")
+
+
+class TrainStep:
+    """One training step as a user runs it: gradients reset, forward + loss
+    (`loss_fn()`, reading fixed buffers and W's leaves), backward, AdamW
+    step over W's leaves. Leaves in `extra` (an input that requires grad:
+    the embeddings' gradient a model needs) get their gradient reset too.
+
+    graphs=True (CUDA): the whole step (forward, backward, optimizer step;
+    capturable AdamW) captured in one CUDA graph after warm-up steps on a
+    side stream (the pattern of torch's CUDA-graph docs); calls replay it.
+    Small lr: the weights move little over a benchmark's thousands of steps."""
+
+    def __init__(self, loss_fn, W: dict, extra=(), lr: float = 1e-5,
+                 graphs: bool = False, warmup: int = 3):
+        self.loss_fn, self.extra = loss_fn, list(extra)
+        self.params = weight_tensors(W)
+        self.opt = optimizer(self.params, lr, capturable=graphs)
+        self.graph = None
+        if graphs:
+            from benchmarks import timing
+            self.graph = timing.cuda_graph(self._body, warmup=warmup,
+                                           warmup_fn=self._eager,
+                                           before_capture=self._zero)
+
+    def _zero(self):
+        self.opt.zero_grad(set_to_none=True)
+        for t in self.extra:
+            t.grad = None
+
+    def _body(self):
+        loss = self.loss_fn()
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def _eager(self):
+        self._zero()
+        return self._body()
+
+    def __call__(self):
+        return self.graph() if self.graph is not None else self._eager()
+
+
 def backbone_providers(device="cpu", names=None) -> tuple[dict, dict]:
     """name -> Provider for the providers usable on `device` (all CPU
     baselines run on any device), and name -> reason for the others."""
     every = [Dense(), Masked(), LoopRoutes(), Bucket(), Canet(), CanetCuda(),
-             CanetTriton()]
+             CanetTriton(), DenseCompiled(),
+             DenseCompiled("max-autotune-no-cudagraphs"), BucketCompiled()]
+    every += [Graphed(p) for p in (Dense(), DenseCompiled(), BucketCompiled())]
     ok, skipped = {}, {}
     for p in every:
         if names is not None and p.name not in names:

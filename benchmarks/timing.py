@@ -4,6 +4,14 @@ Providers are timed interleaved (round-robin, the start rotating every
 round) so that slow drifts of a shared machine hit every provider alike;
 each sample is the mean of `number` back-to-back calls, calibrated once so a
 sample lasts at least `min_sample_s`. Reported: median, quartiles, min, max.
+On the CPU a sample is wall-clock time; on CUDA, with clock="events", it is
+the time between two CUDA events around the calls (the device's view: what
+`cuda_graph` replays are timed with).
+
+CUDA graphs: `cuda_graph(fn)` captures a callable that reads and writes
+fixed buffers and returns its replay; `graph_ms(fn)` times the replays of
+one such capture alone (median, L2 flushed before each, as
+triton.testing.do_bench does), for kernel-level comparisons.
 """
 from __future__ import annotations
 
@@ -33,6 +41,27 @@ def _once(fn: Callable, number: int, device) -> float:
     return (time.perf_counter() - t0) / number
 
 
+def _once_events(fn: Callable, number: int, device) -> float:
+    """Seconds per call between two CUDA events on the current stream."""
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(number):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / number
+
+
+def _timer(device, clock: str):
+    if clock not in ("wall", "events"):
+        raise ValueError(f"clock must be 'wall' or 'events', not {clock!r}")
+    if clock == "events" and torch.device(device).type == "cuda":
+        return _once_events
+    return _once
+
+
 def summarize(samples: list) -> dict:
     """Seconds -> milliseconds statistics."""
     ms = sorted(s * 1e3 for s in samples)
@@ -45,26 +74,28 @@ def summarize(samples: list) -> dict:
 
 def interleaved(fns: dict, rounds: int = 15, warmup: int = 2, device="cpu",
                 min_sample_s: float = 0.02, max_number: int = 1000,
-                budget_s: float | None = None) -> dict:
+                budget_s: float | None = None, clock: str = "wall") -> dict:
     """Times every callable of `fns` (name -> fn) round-robin.
 
     Returns name -> summary dict (see `summarize`), plus `number` (calls per
     sample). With `budget_s` the rounds stop early (never below 3) once the
-    estimated time runs out.
+    estimated time runs out. clock="events" times CUDA samples with CUDA
+    events (the CPU always uses the wall clock).
     """
+    once = _timer(device, clock)
     names = list(fns)
     number = {}
     for name in names:
         for _ in range(warmup):
             fns[name]()
-        t = _once(fns[name], 1, device)
+        t = once(fns[name], 1, device)
         number[name] = max(1, min(max_number, int(min_sample_s / max(t, 1e-7))))
     samples = {n: [] for n in names}
     start = time.perf_counter()
     for r in range(rounds):
         for i in range(len(names)):
             name = names[(r + i) % len(names)]
-            samples[name].append(_once(fns[name], number[name], device))
+            samples[name].append(once(fns[name], number[name], device))
         if budget_s is not None and r >= 2:
             spent = time.perf_counter() - start
             if spent / (r + 1) * (r + 2) > budget_s:
@@ -87,6 +118,70 @@ def latencies(fn: Callable, n: int, warmup: int = 3, device="cpu") -> dict:
         return ts[min(len(ts) - 1, int(round(p / 100 * (len(ts) - 1))))]
     return {"p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
             "mean_ms": statistics.fmean(ts), "min_ms": ts[0], "calls": n}
+
+
+# ----------------------------------------------------------- CUDA graphs --
+
+class Graph:
+    """A captured CUDA graph: calling it replays the graph and returns the
+    output of the captured call (the same tensors, rewritten by each
+    replay)."""
+
+    def __init__(self, graph, out):
+        self.graph, self.out = graph, out
+
+    def __call__(self):
+        self.graph.replay()
+        return self.out
+
+
+def cuda_graph(fn: Callable, warmup: int = 2, warmup_fn: Callable | None = None,
+               before_capture: Callable | None = None, pool=None) -> Graph:
+    """Captures one call of `fn` in a CUDA graph and returns it (`Graph`).
+
+    `fn` must read and write fixed buffers (its inputs are what they are at
+    capture: a replay recomputes from their current contents). It is first
+    run `warmup` times (`warmup_fn`, default fn, e.g. a training step that
+    also resets gradients) on a side stream, as capture requires (lazy
+    initialisation, autotuning, cuBLAS workspaces), then `before_capture()`
+    runs and one call is captured. Raises when capture fails (an op that
+    synchronises with the host, allocates pinned memory, ...)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            (warmup_fn or fn)()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    if before_capture is not None:
+        before_capture()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    torch.cuda.synchronize()
+    return Graph(graph, out)
+
+
+def graph_ms(fn: Callable, reps: int = 100, warmup: int = 10,
+             flush_l2: bool = True) -> float:
+    """Median ms of one replay of `fn` captured in a CUDA graph, each replay
+    timed alone with CUDA events after a 256 MB write that evicts the L2
+    cache (flush_l2), as triton.testing.do_bench times kernels."""
+    replay = fn if isinstance(fn, Graph) else cuda_graph(fn)
+    for _ in range(warmup):
+        replay()
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda") if flush_l2 else None
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    torch.cuda.synchronize()
+    for start, end in events:
+        if flush is not None:
+            flush.zero_()
+        start.record()
+        replay()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
 # ---------------------------------------------------------------- memory --

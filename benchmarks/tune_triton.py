@@ -6,8 +6,10 @@ dense op in plain PyTorch on the same tokens at full width.
 
     python benchmarks/tune_triton.py [--json OUT.json] [--write-blocks BEST.json]
 
-Each variant is captured in a CUDA graph and its replays timed (median), so
-launch overhead does not hide kernel differences. BEST.json holds the
+Each variant is captured in a CUDA graph and its replays timed
+(benchmarks/timing.py graph_ms: median of CUDA-event-timed replays, L2
+flushed before each), so launch overhead does not hide kernel differences.
+Weights, batch and the dense sublayers come from benchmarks/providers.py. BEST.json holds the
 fastest entry per kernel family, for `bench_triton.py --blocks BEST.json`
 (and for the defaults in _common.BLOCKS once confirmed).
 """
@@ -23,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_triton import HEADS, RATIO, cuda_graph, make_batch  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_triton import HEADS, RATIO, make_batch  # noqa: E402
 
 # kernel family -> variants (the first is the current default)
 VARIANTS = {
@@ -52,16 +55,15 @@ VARIANTS = {
 }
 
 
-def graph_ms(fn, reps=50):
-    """Median ms of fn replayed from a CUDA graph (on the CPU, under the
-    interpreter: one plain call)."""
-    import triton.testing
-    if not torch.cuda.is_available():
+def graph_ms(fn, device):
+    """Median ms of fn replayed from a CUDA graph (timing.graph_ms; on the
+    CPU, under the interpreter: one plain call)."""
+    from benchmarks import timing
+    if device.type != "cuda":
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
-    return triton.testing.do_bench(cuda_graph(fn), warmup=25, rep=reps,
-                                   return_mode="median")
+    return timing.graph_ms(fn)
 
 
 def main(argv=None):
@@ -109,14 +111,14 @@ def main(argv=None):
     print(f"tokens {T}, linear FLOP ratio {ratio_lin:.3f}; medians of CUDA-graph replays")
     for fam in args.only or list(variants):
         with torch.no_grad():
-            dense_ms = graph_ms(dense[fam])
+            dense_ms = graph_ms(dense[fam], dev)
             rows = []
             for v in variants[fam]:
                 key = (fam, "half" if dt in _common.HALF else "full")
                 old = _common.BLOCKS[key]
                 _common.BLOCKS[key] = dict(v)
                 try:
-                    ms = graph_ms(ops[fam])
+                    ms = graph_ms(ops[fam], dev)
                     err = None
                 except Exception as exc:  # noqa: BLE001  a variant may not fit
                     ms, err = float("nan"), f"{type(exc).__name__}: {str(exc)[:200]}"

@@ -185,3 +185,84 @@ def test_triton_provider_in_interpreter():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_compiled_providers_match_eager(weights):
+    """dense-compile (both modes) and bucket-compile (torch.compile, inductor's
+    C++ backend on the CPU) compute what eager dense and bucket compute, and
+    a compiled training step (forward, backward, AdamW) lands on the same
+    weights as the eager one. One test: the first compiles take 20-60 s on a
+    loaded 2-core machine (seconds once inductor's cache is warm)."""
+    ok, why = P.compile_available("cpu")
+    if not ok:
+        pytest.skip(why)
+    torch.manual_seed(0)
+    batch = small_batch()
+    full = P.make_batch(torch.full((4,), D), torch.full((4,), LAYERS), 7, D, seed=5)
+    with torch.no_grad():
+        want = P.dense_stack(full.x, weights)
+        for mode in P.COMPILE_MODES:
+            got = P.DenseCompiled(mode).forward(weights, full)
+            err = (got - want).abs().max().item()
+            assert err < 1e-5, f"dense-compile {mode}: max abs error {err:.3g}"
+        eager, comp = P.Bucket(), P.BucketCompiled()
+        want = eager.padded(eager.forward(weights, batch), batch) * batch.valid()
+        got = comp.padded(comp.forward(weights, batch), batch) * batch.valid()
+        err = (got - want).abs().max().item()
+        assert err < 1e-5, f"bucket-compile: max abs error {err:.3g}"
+    # every provider of backbone_providers is registered and reports itself
+    provs, skipped = P.backbone_providers("cpu", ["dense-compile", "bucket-compile",
+                                                  "dense-compile-graphs"])
+    assert set(provs) == {"dense-compile", "bucket-compile"}
+    assert "CUDA" in skipped["dense-compile-graphs"]
+
+    def trained(make_loss):
+        W = P.trainable(weights)
+        x = full.x.detach().clone().requires_grad_()
+        step = P.TrainStep(make_loss(W, x), W, extra=[x])
+        loss = step().item()
+        moved = max((a - b).abs().max().item() for a, b in
+                    zip(P.weight_tensors(W), P.weight_tensors(weights)))
+        return loss, [t.grad for t in P.weight_tensors(W)] + [x.grad], moved
+
+    # gradients, not the stepped weights: Adam turns the rounding noise of a
+    # zero gradient (the key bias's) into a full step of either sign
+    want_l, want_g, moved = trained(lambda W, x: (lambda: P._dense_loss(x, W)))
+    got_l, got_g, _ = trained(lambda W, x: P.DenseCompiled().loss_fn(W, x))
+    assert moved > 0                                   # the optimizer stepped
+    assert abs(got_l - want_l) < 1e-5 * (1 + abs(want_l))
+    for i, (g, w) in enumerate(zip(got_g, want_g)):
+        err = (g - w).abs().max().item()
+        assert err < 1e-5 * (1 + w.abs().max().item()), \
+            f"gradient {i} of a compiled training step: error {err:.3g}"
+
+
+def test_bench_triton_smoke_reports_fastest_dense(tmp_path):
+    """bench_triton --smoke (CPU, interpreter) on its smallest scenario: the
+    compiled dense and bucket variants run, the CUDA-graph ones are listed as
+    unavailable with a reason, every ratio is against the fastest dense
+    variant, and the keys gpu_check.sh's summary reads are there."""
+    pytest.importorskip("triton")
+    out = tmp_path / "triton.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_triton.py"),
+                        "--smoke", "--only", "latency", "--json", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["compile_mode"] == "default"
+    res = doc["results"]["latency"]
+    assert not res["errors"], res["errors"]
+    assert {"routed", "dense", "dense-compile", "bucket", "bucket-compile"} <= set(
+        res["providers"])
+    assert all("CUDA" in why for why in res["unavailable"].values())
+    assert "routed-graphs" in res["unavailable"]
+    assert res["best_dense"]["name"] in ("dense", "dense-compile")
+    assert min(res["over_best_dense"][n] for n in ("dense", "dense-compile")) == 1.0
+    assert max(res["max_abs_diff_vs_eager"][n] for n in ("dense-compile",
+                                                         "bucket-compile")) < 1e-5
+    for key in ("routed_over_dense", "routed_flop_ratio", "routed_over_best_dense",
+                "over_flop_ratio", "target", "meets_target"):
+        assert key in res, key
+    assert res["meets_target"] is None            # its target reads routed-graphs
+    assert "fastest dense" in r.stdout and "unavailable: CUDA graphs" in r.stdout
