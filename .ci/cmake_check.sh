@@ -2,18 +2,28 @@
 # Configures, builds and runs the CMake build of the op library and its C++
 # smoke test in a temporary build dir. CPU kernels only unless
 # CANET_WITH_CUDA=ON. Uses the python (and torch) on PATH.
+# Optional: CANET_CMAKE_BUILD_DIR (a kept build dir), CANET_BUILD_EXAMPLES=ON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 with_cuda="${CANET_WITH_CUDA:-OFF}"
 jobs="${MAX_JOBS:-2}"
-build="$(mktemp -d "${TMPDIR:-/tmp}/canet-cmake.XXXXXX")"
-trap 'rm -rf "$build"' EXIT
+# CANET_CMAKE_BUILD_DIR=DIR: build in DIR and keep it (later runs are
+# incremental; tests/test_cpp_serving.py reuses it for the serving example).
+if [[ -n "${CANET_CMAKE_BUILD_DIR:-}" ]]; then
+  build="$CANET_CMAKE_BUILD_DIR"
+  mkdir -p "$build"
+else
+  build="$(mktemp -d "${TMPDIR:-/tmp}/canet-cmake.XXXXXX")"
+  trap 'rm -rf "$build"' EXIT
+fi
 
 prefix="$(python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 args=(-S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$prefix"
       -DCANET_WITH_CUDA="$with_cuda")
 [[ -n "${CANET_CUDA_ARCHS:-}" ]] && args+=(-DCANET_CUDA_ARCHS="$CANET_CUDA_ARCHS")
+# CANET_BUILD_EXAMPLES=ON: also build examples/cpp_serving (canet_serve).
+[[ -n "${CANET_BUILD_EXAMPLES:-}" ]] && args+=(-DCANET_BUILD_EXAMPLES="$CANET_BUILD_EXAMPLES")
 command -v ninja >/dev/null && args+=(-G Ninja)
 
 # A CUDA build of torch makes find_package(Torch) look for a CUDA toolkit even

@@ -208,21 +208,16 @@ def _read_sequences(args):
 
 
 def cmd_recommend(args):
-    model, _ = load_model(args.ckpt)
-    cfg = model.cfg
+    from .serving import Recommender
+    rec = Recommender.load(args.ckpt)
     seqs = _read_sequences(args)
-    for s in seqs:
-        bad = [v for v in s if not 1 <= v <= cfg.n_items]
-        if not s or bad:
-            raise SystemExit(f"sequence {s}: item ids must be in 1..{cfg.n_items}")
-    items, lengths = D.pad_right([s[-cfg.max_len:] for s in seqs], cfg.max_len)
-    top, scores, routes = model.recommend(items, lengths, args.k, mask_seen=args.mask_seen)
-    table = cfg.routes()
-    out = []
-    for s, t, r in zip(seqs, top.tolist(), routes.tolist()):
-        e, d, L = table[r]
-        out.append({"sequence": s, "top": t, "route": r, "emb": e, "hidden": d,
-                    "depth": L, "flop_ratio": cfg.route_flop_ratios()[r]})
+    try:
+        recs = rec.recommend(seqs, args.k, exclude_seen=args.mask_seen)
+    except ValueError as exc:
+        raise SystemExit(f"canet recommend: {exc}") from None
+    out = [{"sequence": s, "top": r.items, "scores": r.scores, "route": r.route,
+            "emb": r.emb, "hidden": r.hidden, "depth": r.depth,
+            "flop_ratio": r.flop_ratio} for s, r in zip(seqs, recs)]
     if args.json:
         print(json.dumps(out))
     else:
