@@ -189,3 +189,52 @@ def masked_layer(h, p, m, eps=1e-5, res_scale=None, dropout=0.0, training=False)
 
 
 _this = __import__("sys").modules[__name__]
+
+
+# ------------------------------------------------------- routed scoring ----
+# Loss and full ranking over the item table without the [rows, items]
+# logits: row i of h runs at width widths[i] (h[i, :w] against weight[:, :w]).
+# h may carry leading dims ([B, L, D] for every position of a padded batch);
+# widths then has the leading shape or a prefix of it (per sample: [B]).
+
+SCORING_CHUNK = 4096  # items per chunk of the CPU kernels (the schema default)
+
+
+def _scoring_rows(h, widths):
+    if h.dim() < 1:
+        raise ValueError("h must be [..., features]")
+    lead = h.shape[:-1]
+    if widths.dim() > len(lead) or tuple(lead[:widths.dim()]) != tuple(widths.shape):
+        raise ValueError(f"widths must have shape {tuple(lead)} or a prefix of it, got "
+                         f"{tuple(widths.shape)}")
+    widths = widths.reshape(widths.shape + (1,) * (len(lead) - widths.dim())).expand(lead)
+    return h.reshape(-1, h.shape[-1]), widths.reshape(-1), lead
+
+
+def sliced_linear_cross_entropy(h, widths, weight, bias, targets, ignore_index=-100,
+                                chunk_size=SCORING_CHUNK):
+    """Mean cross-entropy of rows h [..., D] against all items of weight [V, >= w]
+    (logits h[i, :w_i] @ weight[:, :w_i].T + bias) with targets [...] (rows with a
+    negative target or ignore_index are skipped; 0 if all are), computed chunk by
+    chunk: no [rows, V] tensor is kept for backward."""
+    h2, w2, lead = _scoring_rows(h, widths)
+    if tuple(targets.shape) != tuple(lead):
+        raise ValueError(f"targets must have shape {tuple(lead)}, got {tuple(targets.shape)}")
+    return _canet.sliced_linear_cross_entropy(h2, w2, weight, bias, targets.reshape(-1),
+                                              ignore_index, chunk_size)
+
+
+def sliced_linear_topk(h, widths, weight, bias=None, k=10, chunk_size=SCORING_CHUNK,
+                       exclude=None):
+    """(values [..., k], indices [..., k]): each row's k best items (score
+    descending, lower index first on ties), without the [rows, V] scores.
+    exclude [..., M] (or [1, M] for every row) lists ids to score -inf, padded
+    with -1; a column of zeros excludes the padding item 0."""
+    h2, w2, lead = _scoring_rows(h, widths)
+    if exclude is not None and not (exclude.dim() == 2 and exclude.shape[0] == 1):
+        if tuple(exclude.shape[:-1]) != tuple(lead):
+            raise ValueError(f"exclude must be [{', '.join(map(str, lead))}, M] or [1, M], "
+                             f"got {tuple(exclude.shape)}")
+        exclude = exclude.reshape(-1, exclude.shape[-1])
+    values, indices = _canet.sliced_linear_topk(h2, w2, weight, bias, k, chunk_size, exclude)
+    return values.reshape(*lead, k), indices.reshape(*lead, k)

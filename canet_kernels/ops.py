@@ -275,3 +275,87 @@ def _register_triton():
 
 
 _register_triton()
+
+
+# ------------------------------------------------------- routed scoring ----
+# sliced_linear_cross_entropy(_fwd/_backward) and sliced_linear_topk: rows
+# h [N, D] at widths [N] scored against the item table without the [N, V]
+# logits (schemas and contract in csrc/registration.cpp).
+
+def _check_rows(h, widths, name="h"):
+    torch._check(h.dim() == 2, lambda: f"{name} must be rows [N, features], got {h.dim()}-D")
+    torch._check(widths.dim() == 1, lambda: "widths must be 1-D (one width per row)")
+    torch._check(widths.shape[0] == h.shape[0],
+                 lambda: "widths needs one entry per row of h")
+
+
+@torch.library.register_fake("canet::sliced_linear_cross_entropy_fwd")
+def _(h, widths, weight, bias, targets, ignore_index=-100, chunk_size=4096):
+    _check_rows(h, widths)
+    torch._check(targets.shape == h.shape[:1], lambda: "targets needs one entry per row of h")
+    st = _stat_dtype(h)
+    return h.new_empty((), dtype=st), h.new_empty(h.shape[0], dtype=st)
+
+
+@torch.library.register_fake("canet::sliced_linear_cross_entropy_backward")
+def _(grad_loss, h, widths, weight, bias, targets, lse, ignore_index, chunk_size):
+    return (h.new_empty(h.shape), weight.new_empty(weight.shape),
+            weight.new_empty(weight.shape[0] if bias is not None else 0))
+
+
+@torch.library.register_fake("canet::sliced_linear_topk")
+def _(h, widths, weight, bias, k, chunk_size=4096, exclude=None):
+    _check_rows(h, widths)
+    return h.new_empty(h.shape[0], k), h.new_empty(h.shape[0], k, dtype=torch.int64)
+
+
+def _lce_setup(ctx, inputs, output):
+    h, widths, weight, bias, targets, ignore_index, chunk_size = inputs
+    ctx.save_for_backward(h, widths, weight, bias, targets, output[1])
+    ctx.ignore_index, ctx.chunk_size = ignore_index, chunk_size
+    ctx.mark_non_differentiable(output[1])
+
+
+def _lce_backward(ctx, grad_loss, _grad_lse):
+    h, widths, weight, bias, targets, lse = ctx.saved_tensors
+    gh, gw, gb = _kernels(ctx).sliced_linear_cross_entropy_backward(
+        grad_loss, h, widths, weight, bias, targets, lse, ctx.ignore_index,
+        ctx.chunk_size)
+    return _keep(ctx, (gh, None, gw, gb if bias is not None else None, None, None, None))
+
+
+torch.library.register_autograd("canet::sliced_linear_cross_entropy_fwd", _lce_backward,
+                                setup_context=_lce_setup)
+
+
+def _topk_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _topk_backward(ctx, _gv, _gi):
+    return (None,) * 7
+
+
+# top-k values carry no gradient: inputs that require one are fine
+torch.library.register_autograd("canet::sliced_linear_topk", _topk_backward,
+                                setup_context=_topk_setup)
+
+_FORMULAS["sliced_linear_cross_entropy_fwd"] = (_lce_setup, _lce_backward)
+
+
+def _kernel_ops_cross_entropy(self, h, widths, weight, bias, targets, ignore_index=-100,
+                              chunk_size=4096):
+    args = (h, widths, weight, bias, targets, ignore_index, chunk_size)
+    if not _needs_grad(h, weight, bias):
+        return self.kernels.sliced_linear_cross_entropy_fwd(*args)[0]
+    return self._run("sliced_linear_cross_entropy_fwd", *args)[0]
+
+
+def _kernel_ops_topk(self, h, widths, weight, bias, k, chunk_size=4096, exclude=None):
+    with torch.no_grad():
+        return self.kernels.sliced_linear_topk(h, widths, weight, bias, k, chunk_size,
+                                               exclude)
+
+
+KernelOps.sliced_linear_cross_entropy = _kernel_ops_cross_entropy
+KernelOps.sliced_linear_topk = _kernel_ops_topk

@@ -94,3 +94,61 @@ def sliced_add_layernorm(x, residual, cu_seqlens, widths, weight, bias,
                          eps).to(x.dtype)
         rows.append(_pad_cols(y, D))
     return _stack_rows(rows, x, D)
+
+
+# ------------------------------------------------------- routed scoring ----
+# One row per scored position: row i of h [N, D] runs at width widths[i] and
+# is scored against every item of weight [V, >= w_i] with its full logit row.
+
+def sliced_linear_logits(h, widths, weight, bias=None):
+    """logits [N, V]: logits[i] = h[i, :w_i] @ weight[:, :w_i].T + bias."""
+    rows = []
+    for i in range(h.shape[0]):
+        w = int(widths[i])
+        y = h[i:i + 1, :w] @ weight[:, :w].T
+        rows.append(y if bias is None else y + bias)
+    if not rows:
+        return h.new_zeros(0, weight.shape[0])
+    return torch.cat(rows, dim=0)
+
+
+def _kept(targets, ignore_index):
+    return (targets >= 0) & (targets != ignore_index)
+
+
+def sliced_linear_cross_entropy(h, widths, weight, bias, targets, ignore_index=-100,
+                                chunk_size=None):
+    """Mean over the rows whose target is neither negative nor ignore_index of
+    logsumexp(logits[i]) - logits[i, targets[i]]; 0 when every row is
+    ignored (F.cross_entropy gives nan there). The loss is fp32 for 16-bit
+    inputs. chunk_size is the kernels' business."""
+    keep = _kept(targets, ignore_index)
+    total = h.new_zeros((), dtype=_acc(h))
+    for i in keep.nonzero().flatten().tolist():
+        logits = sliced_linear_logits(h[i:i + 1], widths[i:i + 1], weight, bias)[0]
+        logits = logits.to(_acc(h))
+        total = total + torch.logsumexp(logits, 0) - logits[int(targets[i])]
+    return total / max(int(keep.sum()), 1)
+
+
+def sliced_linear_cross_entropy_lse(h, widths, weight, bias, targets, ignore_index=-100):
+    """The lse [N] `sliced_linear_cross_entropy_fwd` saves: 0 for ignored rows."""
+    logits = sliced_linear_logits(h, widths, weight, bias).to(_acc(h))
+    lse = torch.logsumexp(logits, 1) if logits.shape[0] else logits.new_zeros(0)
+    return torch.where(_kept(targets, ignore_index), lse, torch.zeros_like(lse))
+
+
+def sliced_linear_topk(h, widths, weight, bias, k, chunk_size=None, exclude=None):
+    """(values [N, k], indices [N, k]): the k best items of each row in the
+    order (score descending, index ascending); ids in exclude [N, M] or
+    [1, M] (negative = none) score -inf."""
+    scores = sliced_linear_logits(h, widths, weight, bias)
+    if exclude is not None and scores.shape[0]:
+        ex = exclude.to(torch.int64).expand(scores.shape[0], -1)
+        hit = ex >= 0
+        rows = torch.arange(scores.shape[0], device=ex.device).unsqueeze(1).expand_as(ex)
+        scores = scores.index_put((rows[hit], ex[hit]),
+                                  scores.new_full((), float("-inf")))
+    # stable sort: equal scores keep the lower index first
+    values, indices = torch.sort(scores, dim=1, descending=True, stable=True)
+    return values[:, :k], indices[:, :k]

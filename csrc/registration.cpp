@@ -149,3 +149,76 @@ TORCH_LIBRARY_IMPL(canet, CompositeImplicitAutograd, m) {
 }
 
 }  // namespace canet
+
+// ------------------------------------------------------- routed scoring ----
+// Scoring rows against an item table without the [rows, items] logit tensor.
+// Row i of h[N, D] runs at width widths[i] (one entry per row, not per
+// sample): its logits are logits[i, v] = h[i, :w_i] . weight[v, :w_i] +
+// bias[v] over all V items of weight[V, >= max width]. Backends work through
+// the items in chunks of at most `chunk_size` (the CPU kernel's unit of work,
+// smaller on short tables so that threads share it; Triton picks its own
+// tiles), so memory is O(N * chunk + V * D), never O(N * V). CPU results depend
+// on the chunking, not on the thread count. On CUDA, values that would need
+// a host sync (widths, target and exclude ids) are not checked.
+//
+// sliced_linear_cross_entropy: mean over the rows whose target is neither
+// negative nor ignore_index of logsumexp(logits[i]) - logits[i, targets[i]];
+// 0 (with zero gradients) when every row is ignored. `_fwd` also returns
+// lse[N], each row's log-sum-exp (0 for ignored rows), which `_backward`
+// uses to recompute the softmax chunk by chunk. The loss and lse are fp32
+// for 16-bit inputs.
+//
+// sliced_linear_topk: the k best items of each row, best first, in the total
+// order (score descending, item index ascending): equal scores list the
+// lower index first on every backend. exclude [N, M] or [1, M] (one row of
+// ids for every row) lists item ids scored -inf for that row, padded with
+// negative ids; exclude the padding item 0 with a column of zeros. Excluded
+// items still rank (last) when fewer than k items remain.
+namespace canet {
+namespace {
+
+at::Tensor sliced_linear_cross_entropy(const at::Tensor& h,
+                                       const at::Tensor& widths,
+                                       const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias,
+                                       const at::Tensor& targets,
+                                       int64_t ignore_index,
+                                       int64_t chunk_size) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("canet::sliced_linear_cross_entropy_fwd", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&, const at::Tensor&, int64_t,
+              int64_t)>();
+  return std::get<0>(
+      op.call(h, widths, weight, bias, targets, ignore_index, chunk_size));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(canet, m) {
+  m.def(
+      "sliced_linear_cross_entropy(Tensor h, Tensor widths, Tensor weight, "
+      "Tensor? bias, Tensor targets, int ignore_index=-100, "
+      "int chunk_size=4096) -> Tensor");
+  m.def(
+      "sliced_linear_cross_entropy_fwd(Tensor h, Tensor widths, "
+      "Tensor weight, Tensor? bias, Tensor targets, int ignore_index=-100, "
+      "int chunk_size=4096) -> (Tensor loss, Tensor lse)");
+  m.def(
+      "sliced_linear_cross_entropy_backward(Tensor grad_loss, Tensor h, "
+      "Tensor widths, Tensor weight, Tensor? bias, Tensor targets, "
+      "Tensor lse, int ignore_index, int chunk_size) -> (Tensor grad_h, "
+      "Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "sliced_linear_topk(Tensor h, Tensor widths, Tensor weight, "
+      "Tensor? bias, int k, int chunk_size=4096, Tensor? exclude=None) -> "
+      "(Tensor values, Tensor indices)");
+}
+
+TORCH_LIBRARY_IMPL(canet, CompositeImplicitAutograd, m) {
+  m.impl("sliced_linear_cross_entropy", TORCH_FN(sliced_linear_cross_entropy));
+}
+
+}  // namespace canet

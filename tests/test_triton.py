@@ -397,3 +397,116 @@ def test_gpu_tile_shapes(monkeypatch):
     out = kt.sliced_attention_fwd(x, cu, widths, wq, bq, wo, bo, H, True, False)[0]
     want = reference.sliced_attention(torch.nan_to_num(x), cu, widths, wq, bq, wo, bo, H, True)
     close("attention", out, want, f32)
+
+
+# --------------------------------------------------------- routed scoring --
+# Rows at their own widths (unsorted, NaN beyond each width) against an item
+# table whose length is not a multiple of the tiles (32 items) or of the
+# item ranges the programs split it into.
+
+SCORE_WIDTHS = [24, 5, 24, 17, 5, 24, 1, 17, 17, 24, 5, 9, 24, 3, 17, 20, 11]
+SCORE_TARGETS = [3, 0, 196, -1, 41, 7, 199, 0, 12, -7, 150, 88, 1, 64, 2, 33, 100]
+
+
+def scoring_args(dtype, V=203, D=24, bias=True, widths=SCORE_WIDTHS, targets=SCORE_TARGETS):
+    w = torch.tensor(widths, dtype=torch.int64)
+    h = rand(len(widths), D, dtype=dtype, seed=1)
+    for i, wi in enumerate(widths):
+        h[i, wi:] = float("nan")
+    table = rand(V, D + 3, dtype=dtype, scale=D ** -0.5, seed=2)
+    b = rand(V, dtype=dtype, scale=0.5, seed=3) if bias else None
+    return h, w, table, b, torch.tensor(targets, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("dtype, has_bias", [(torch.float32, True), (torch.float32, False),
+                                             (torch.float64, True)])
+def test_linear_cross_entropy(dtype, has_bias):
+    h, widths, table, b, t = scoring_args(dtype, bias=has_bias)
+    clean = torch.nan_to_num(h, nan=0.0)
+    fn = (lambda h_, w_, b_: reference.sliced_linear_cross_entropy(h_, widths, w_, b_, t, 0)) \
+        if has_bias else (lambda h_, w_: reference.sliced_linear_cross_entropy(h_, widths, w_,
+                                                                               None, t, 0))
+    want, grads = ref_grads(fn, [clean, table] + ([b] if has_bias else []),
+                            torch.tensor(0.75, dtype=dtype))
+    loss, lse = kt.sliced_linear_cross_entropy_fwd(h, widths, table, b, t, 0)
+    close("loss", loss, want, dtype)
+    close("lse", lse, reference.sliced_linear_cross_entropy_lse(clean, widths, table, b, t, 0),
+          dtype)
+    gh, gw, gb = kt.sliced_linear_cross_entropy_backward(torch.tensor(0.75, dtype=dtype), h,
+                                                         widths, table, b, t, lse, 0, 4096)
+    close("grad_h", gh, grads[0], dtype)
+    close("grad_weight", gw, grads[1], dtype)
+    if has_bias:
+        close("grad_bias", gb, grads[2], dtype)
+    else:
+        assert gb.shape == (0,)
+
+
+def test_linear_cross_entropy_through_kernel_ops():
+    # the ops' own autograd over the Triton kernel table
+    from canet_kernels.ops import KernelOps
+    h, widths, table, b, t = scoring_args(torch.float64)
+    h = torch.nan_to_num(h, nan=0.0)
+    leaves = [x.clone().requires_grad_() for x in (h, table, b)]
+    loss = KernelOps(kt.KERNELS).sliced_linear_cross_entropy(leaves[0], widths, leaves[1],
+                                                             leaves[2], t, 0)
+    got = torch.autograd.grad(loss, leaves)
+    want, grads = ref_grads(lambda *a: reference.sliced_linear_cross_entropy(
+        a[0], widths, a[1], a[2], t, 0), [h, table, b], torch.tensor(1.0, dtype=torch.float64))
+    close("loss", loss.detach(), want, torch.float64)
+    for name, g, w in zip(["grad_h", "grad_weight", "grad_bias"], got, grads):
+        close(name, g, w, torch.float64)
+
+
+def test_linear_cross_entropy_empty_and_all_ignored():
+    for widths, targets in [([], []), ([5, 24, 17], [0, -1, -3])]:
+        h, w, table, b, t = scoring_args(torch.float32, widths=widths, targets=targets)
+        loss, lse = kt.sliced_linear_cross_entropy_fwd(h, w, table, b, t, 0)
+        assert loss.item() == 0 and lse.shape == (len(widths),)
+        gh, gw, gb = kt.sliced_linear_cross_entropy_backward(torch.tensor(1.0), h, w, table, b,
+                                                             t, lse, 0, 4096)
+        assert gh.abs().sum() == 0 and gw.abs().sum() == 0 and gb.abs().sum() == 0
+
+
+@pytest.mark.parametrize("k, shared", [(1, False), (10, False), (10, True), (203, False)])
+def test_linear_topk(k, shared):
+    h, widths, table, b, _ = scoring_args(torch.float64)
+    g = torch.Generator().manual_seed(5)
+    ex = torch.randint(0, 203, (len(SCORE_WIDTHS), 4), generator=g)
+    ex[:, 0] = 0       # the padding item
+    ex[::3, 2:] = -1   # padding of the id lists
+    if shared:
+        ex = ex[:1]
+    v, i = kt.sliced_linear_topk(h, widths, table, b, k, 4096, ex)
+    rv, ri = reference.sliced_linear_topk(torch.nan_to_num(h, nan=0.0), widths, table, b, k,
+                                          None, ex)
+    close("values", v, rv, torch.float64)
+    assert torch.equal(i, ri)
+
+
+def test_linear_topk_ties_lower_index_first():
+    # equal item rows score alike: every backend lists the lower id first
+    h, widths, table, _, _ = scoring_args(torch.float32, bias=False)
+    for dup in (70, 150, 40):
+        table[dup] = table[3]
+    v, i = kt.sliced_linear_topk(h, widths, table, None, 12, 4096, None)
+    want_v, want_i = reference.sliced_linear_topk(torch.nan_to_num(h, nan=0.0), widths, table,
+                                                  None, 12, None, None)
+    assert torch.equal(i, want_i)
+    close("values", v, want_v, torch.float32)
+    assert i.shape == (len(SCORE_WIDTHS), 12)
+    cpu_v, cpu_i = torch.ops.canet.sliced_linear_topk(torch.nan_to_num(h, nan=0.0), widths,
+                                                      table, None, 12, 64, None)
+    assert torch.equal(cpu_i, i)
+
+
+def test_scoring_bad_input_names_the_argument():
+    h, widths, table, b, t = scoring_args(torch.float32)
+    with pytest.raises(ValueError, match=r"widths must have shape \[17\]"):
+        kt.sliced_linear_cross_entropy_fwd(h, widths[:3], table, b, t)
+    with pytest.raises(TypeError, match=r"bias has dtype torch.float64"):
+        kt.sliced_linear_cross_entropy_fwd(h, widths, table, b.double(), t)
+    with pytest.raises(ValueError, match=r"k = 204 is outside \[0, 203\]"):
+        kt.sliced_linear_topk(h, widths, table, b, 204)
+    with pytest.raises(ValueError, match=r"exclude must be item ids"):
+        kt.sliced_linear_topk(h, widths, table, b, 3, 4096, torch.zeros(2, 3, dtype=torch.int64))

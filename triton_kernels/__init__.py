@@ -20,6 +20,9 @@ from .sliced_add_layernorm import (sliced_add_layernorm_backward,
 from .sliced_attention import sliced_attention_backward, sliced_attention_fwd
 from .sliced_ffn import sliced_ffn_backward, sliced_ffn_fwd
 from .sliced_linear import sliced_linear, sliced_linear_backward
+from .sliced_linear_cross_entropy import (sliced_linear_cross_entropy_backward,
+                                          sliced_linear_cross_entropy_fwd)
+from .sliced_linear_topk import sliced_linear_topk
 
 # Kernels are compiled or interpreted depending on TRITON_INTERPRET at import.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -33,6 +36,9 @@ KERNELS = {
     "sliced_ffn_backward": sliced_ffn_backward,
     "sliced_add_layernorm_fwd": sliced_add_layernorm_fwd,
     "sliced_add_layernorm_backward": sliced_add_layernorm_backward,
+    "sliced_linear_cross_entropy_fwd": sliced_linear_cross_entropy_fwd,
+    "sliced_linear_cross_entropy_backward": sliced_linear_cross_entropy_backward,
+    "sliced_linear_topk": sliced_linear_topk,
 }
 
 _registered: set = set()

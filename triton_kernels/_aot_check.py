@@ -101,6 +101,19 @@ def main(argv=None) -> int:
             KERNELS["sliced_ffn_backward"](x, x, cu, ww, w1, w2, hidden, 4)
             _, mean, rstd = KERNELS["sliced_add_layernorm_fwd"](x, x, cu, ww, vec, vec, 1e-5)
             KERNELS["sliced_add_layernorm_backward"](x, x, x, cu, ww, vec, mean, rstd)
+            # routed scoring: 4 rows of mixed widths against 300 items
+            table, items = torch.zeros(300, D, dtype=dt), torch.zeros(300, dtype=dt)
+            rows = torch.zeros(4, D, dtype=dt)
+            rw = torch.clamp(torch.tensor([128, 96, 64, 64]) * D // 128, min=4)
+            tg = torch.tensor([1, 2, -1, 0])
+            seen = torch.zeros(4, 2, dtype=torch.int64)
+            for bias in (items, None):
+                loss, lse = KERNELS["sliced_linear_cross_entropy_fwd"](rows, rw, table, bias, tg,
+                                                                      0)
+                KERNELS["sliced_linear_cross_entropy_backward"](loss, rows, rw, table, bias, tg,
+                                                                lse, 0, 4096)
+                for ex in (seen, None):
+                    KERNELS["sliced_linear_topk"](rows, rw, table, bias, 10, 4096, ex)
     print(f"compiled {len(done) - len(failed)} kernel variants for sm_{args.arch}, "
           f"{len(failed)} failed")
     for f in failed:
