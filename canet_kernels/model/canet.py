@@ -73,22 +73,24 @@ class CANet(CANetEncoder):
                     dropout=True, left_padded=False):
         """Full-ranking scores of each sample's last position [B, n_items + 1]
         in the caller's order (item 0, the padding, is scored too)."""
-        _check_path(path)
-        x, lengths, left = self.net.layout(items, lengths, None, left_padded)
-        r, _ = self.net.resolve_routes(routes, x.shape[0], x.device)
-        _, last = self.net.encode(x, lengths, left, r, gate, path, dropout)
-        if path == "masked":
-            return self.net.score_masked(last)
-        return self.net.score_rows(last, r.hidden)
+        return self._scores(items, lengths, routes, gate, path, dropout, left_padded)[0]
 
     def forward(self, items, lengths, routes=None, path="routed", left_padded=False):
         """Inference: (scores [B, n_items + 1], routes [B]). Routes come from
         the router (argmax) unless given."""
+        return self._scores(items, lengths, routes, None, path, True, left_padded)
+
+    def _scores(self, items, lengths, routes, gate, path, dropout, left_padded):
+        """(last-position scores, routes); routes None = the router's."""
+        _check_path(path)
+        x, lengths, left = self.net.layout(items, lengths, None, left_padded)
         if routes is None:
-            x, n, left = self.net.layout(items, lengths, None, left_padded)
-            routes = self.route(_shift(x, n, True) if left else x, n).routes
-        return self.last_scores(items, lengths, routes, path=path,
-                                left_padded=left_padded), routes
+            routes = self.route(_shift(x, lengths, True) if left else x, lengths).routes
+        r, _ = self.net.resolve_routes(routes, x.shape[0], x.device)
+        _, last = self.net.encode(x, lengths, left, r, gate, path, dropout, hidden=False)
+        if path == "masked":
+            return self.net.score_masked(last), routes
+        return self.net.score_rows(last, r.hidden), routes
 
     @torch.no_grad()
     def recommend(self, items, lengths, k=10, routes=None, path="routed",
@@ -154,9 +156,8 @@ class CANet(CANetEncoder):
         last_t = targets if targets.dim() == 1 else \
             targets[torch.arange(B, device=x.device), lengths - 1]
         hit = self.smallest_route_hits(x, lengths, last_t, self._score_smallest)
-        out = _Out(routing.logits, ce)
-        ls = self.router_losses(out, hit)
-        total = ce + self.router_loss(out, hit)
+        ls = self.logit_losses(routing.logits, hit)
+        total = ce + self.weighted_router_loss(ls, ce)
         stats.update(guide=ls["guide"].item(), uniform=ls["uniform"].item(),
                      budget=ls["budget"].item(), exp_ratio=ls["exp_ratio"].item(),
                      small_hit=hit.float().mean().item(), loss=total.item())
@@ -186,13 +187,6 @@ class CANet(CANetEncoder):
         w = torch.full((last.shape[0],), self.cfg.hidden_widths[0], dtype=torch.int64,
                        device=last.device)
         return self.net.score_rows(last, w)
-
-
-class _Out:
-    """The parts of an EncoderOutput the router losses read."""
-
-    def __init__(self, logits, like):
-        self.logits, self.last = logits, like
 
 
 def _check_path(path):

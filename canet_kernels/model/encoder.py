@@ -309,15 +309,17 @@ class RoutedEncoder(nn.Module):
         return h
 
     def encode(self, x, lengths, left_padded, routes: Routes, gate=None,
-               path="routed", dropout=True):
+               path="routed", dropout=True, hidden=True):
         """(hidden [B, L, D] in the caller's layout, zero at padding and
-        beyond widths; last [B, D])."""
+        beyond widths, or None with hidden=False (scoring reads only the
+        last position: no unpack); last [B, D])."""
         B, L = x.shape[:2]
         if path == "routed":
             h, plan = self.encode_routed(x, lengths, routes, gate, dropout, left_padded)
             last = h[plan.cu_seqlens[1:] - 1][plan.inverse]
-            hidden = functional.unpack(h, plan.lengths, L, left_padded)[plan.inverse]
-            return hidden, last
+            if not hidden:
+                return None, last
+            return functional.unpack(h, plan.lengths, L, left_padded)[plan.inverse], last
         if path != "masked":
             raise ValueError(f"path must be 'routed' or 'masked', got {path!r}")
         xr = _shift(x, lengths, True) if left_padded else x
@@ -430,11 +432,12 @@ class CANetEncoder(nn.Module):
         ratio above cfg.flop_target) and, given `hit` [B] bool (the smallest
         route ranks the target in its top guide_topk, see
         `smallest_route_hits`), `guide`. Empty without router logits."""
-        if out.logits is None:
-            return {}
-        lg = out.logits
-        probs = torch.softmax(lg.float() if lg.dtype in (torch.float16, torch.bfloat16)
-                              else lg, dim=-1)
+        return {} if out.logits is None else self.logit_losses(out.logits, hit)
+
+    def logit_losses(self, logits, hit=None) -> dict:
+        """`router_losses` of router logits [B, R]."""
+        probs = torch.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16)
+                              else logits, dim=-1)
         exp_ratio = (probs * self.route_ratio.to(probs.dtype)).sum(-1).mean()
         t = self.cfg.flop_target
         losses = {"uniform": uniform_loss(probs),
@@ -447,14 +450,18 @@ class CANetEncoder(nn.Module):
     def router_loss(self, out: EncoderOutput, hit=None):
         """Weighted sum of `router_losses` (0 without router logits), to add
         to a host's own loss."""
-        ls = self.router_losses(out, hit)
-        if not ls:
-            return out.last.new_zeros(())
+        return self.weighted_router_loss(self.router_losses(out, hit), out.last)
+
+    def weighted_router_loss(self, losses: dict, like):
+        """cfg's weighted sum of `losses` (from `router_losses`), in like's
+        dtype; 0 when empty."""
+        if not losses:
+            return like.new_zeros(())
         cfg = self.cfg
-        total = cfg.uniform_weight * ls["uniform"] + cfg.budget_weight * ls["budget"]
-        if "guide" in ls:
-            total = total + cfg.guide_weight * ls["guide"]
-        return total.to(out.last.dtype)
+        total = cfg.uniform_weight * losses["uniform"] + cfg.budget_weight * losses["budget"]
+        if "guide" in losses:
+            total = total + cfg.guide_weight * losses["guide"]
+        return total.to(like.dtype)
 
     @torch.no_grad()
     def smallest_route_hits(self, items, lengths, target, score_fn=None, left_padded=None):
@@ -464,7 +471,7 @@ class CANetEncoder(nn.Module):
         x, lengths, left = self.net.layout(items, lengths, None, left_padded)
         small = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
         r, _ = self.net.resolve_routes(small, x.shape[0], x.device)
-        _, last = self.net.encode(x, lengths, left, r, dropout=False)
+        _, last = self.net.encode(x, lengths, left, r, dropout=False, hidden=False)
         if score_fn is None:
             score_fn = self.tied_scores
         s = score_fn(last).clone()
