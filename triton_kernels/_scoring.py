@@ -101,9 +101,10 @@ def stat_dtype(dtype):
 
 @triton.jit
 def logits_tile(h_ptr, s_hn, s_hk, wrow, rows, rmask, w_ptr, s_wv, s_wk, cols, cmask, kmax,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                ACC: tl.constexpr, PREC: tl.constexpr):
-    """[BM, BN]: sum over k < wrow[r] of h[rows[r], k] * W[cols[c], k]."""
+                b_ptr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """[BM, BN]: sum over k < wrow[r] of h[rows[r], k] * W[cols[c], k], plus
+    bias[cols[c]] with HAS_BIAS."""
     acc = tl.zeros([BM, BN], dtype=ACC)
     ks0 = tl.arange(0, BK)
     for k0 in range(0, kmax, BK):
@@ -113,4 +114,6 @@ def logits_tile(h_ptr, s_hn, s_hk, wrow, rows, rmask, w_ptr, s_wv, s_wk, cols, c
         b = tl.load(w_ptr + cols[None, :] * s_wv + ks[:, None] * s_wk,
                     mask=cmask[None, :] & (ks[:, None] < kmax), other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=ACC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
     return acc

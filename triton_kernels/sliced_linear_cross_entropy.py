@@ -44,9 +44,7 @@ def _lse_kernel(h_ptr, s_hn, s_hk, wid_ptr, tgt_ptr, w_ptr, s_wv, s_wk, b_ptr,
         cmask = cols < v1
         co = cols.to(tl.int64)
         x = logits_tile(h_ptr, s_hn, s_hk, wrow, ro, rmask, w_ptr, s_wv, s_wk, co, cmask,
-                        kmax, BM, BN, BK, ACC, PREC)
-        if HAS_BIAS:
-            x += tl.load(b_ptr + co, mask=cmask, other=0.0).to(ACC)[None, :]
+                        kmax, b_ptr, HAS_BIAS, BM, BN, BK, ACC, PREC)
         x = tl.where(cmask[None, :], x, float("-inf"))
         nm = tl.maximum(m, tl.max(x, 1))
         safe = tl.where(nm == float("-inf"), 0.0, nm)
@@ -94,9 +92,7 @@ def _grad_h_kernel(h_ptr, s_hn, s_hk, wid_ptr, tgt_ptr, lse_ptr, sc_ptr,
         cmask = cols < v1
         co = cols.to(tl.int64)
         x = logits_tile(h_ptr, s_hn, s_hk, wrow, ro, rmask, w_ptr, s_wv, s_wk, co, cmask,
-                        kmax, BM, BN, BK, ACC, PREC)
-        if HAS_BIAS:
-            x += tl.load(b_ptr + co, mask=cmask, other=0.0).to(ACC)[None, :]
+                        kmax, b_ptr, HAS_BIAS, BM, BN, BK, ACC, PREC)
         p = _probs(x, lse, scale, tgt, co, cmask, rmask)
         wt = tl.load(w_ptr + co[:, None] * s_wv + kd[None, :] * s_wk,
                      mask=cmask[:, None] & (kd[None, :] < kmax), other=0.0)
@@ -129,8 +125,9 @@ def _grad_w_kernel(h_ptr, s_hn, s_hk, wid_ptr, tgt_ptr, lse_ptr, sc_ptr,
         tgt = tl.load(tgt_ptr + ro, mask=rmask, other=-1).to(tl.int64)
         lse = tl.load(lse_ptr + ro, mask=rmask, other=0.0).to(ACC)
         scale = tl.load(sc_ptr + ro, mask=rmask, other=0.0).to(ACC)
+        # the bias is loaded once per item tile, outside this row loop
         x = logits_tile(h_ptr, s_hn, s_hk, wrow, ro, rmask, w_ptr, s_wv, s_wk, co, cmask,
-                        kmax, BM, BN, BK, ACC, PREC)
+                        kmax, b_ptr, False, BM, BN, BK, ACC, PREC)
         if HAS_BIAS:
             x += bias[None, :]
         p = _probs(x, lse, scale, tgt, co, cmask, rmask)

@@ -44,9 +44,7 @@ def _topk_kernel(h_ptr, s_hn, s_hk, wid_ptr, w_ptr, s_wv, s_wk, b_ptr,
         cmask = cols < v1
         co = cols.to(tl.int64)
         x = logits_tile(h_ptr, s_hn, s_hk, wrow, ro, rmask, w_ptr, s_wv, s_wk, co, cmask,
-                        kmax, BM, BN, BK, ACC, PREC)
-        if HAS_BIAS:
-            x += tl.load(b_ptr + co, mask=cmask, other=0.0).to(ACC)[None, :]
+                        kmax, b_ptr, HAS_BIAS, BM, BN, BK, ACC, PREC)
         for j in range(0, M):
             e = tl.load(ex_ptr + ro * s_er + j * s_ec, mask=rmask, other=-1).to(tl.int64)
             x = tl.where(co[None, :] == e[:, None], float("-inf"), x)
