@@ -94,3 +94,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def run_threads(n, fn):
+    """Runs fn(i) on n threads at once; returns the exceptions they raised."""
+    import threading
+    errors = []
+
+    def wrap(i):
+        try:
+            fn(i)
+        except Exception as exc:  # noqa: BLE001  returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wrap, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 
 import pytest
@@ -26,7 +25,7 @@ from canet_kernels.data import pad_right
 from canet_kernels import serving
 from canet_kernels.serving import VARIANTS, CompiledRecommender, Recommender
 
-from helpers import one_thread  # noqa: F401  (autouse fixture)
+from helpers import one_thread, run_threads  # noqa: F401  (autouse fixture)
 from test_serving import close, histories, save_run, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,22 +93,14 @@ def test_compiled_package_serves_threads(served):
     crec = CompiledRecommender(path)
     hs = requests()
     want = [crec.recommend(h, k=5) for h in hs]
-    got, errors = {}, []
+    got = {}
 
     def client(i):
-        try:
-            for rep in range(4):
-                for j, h in enumerate(hs):
-                    got[(i, rep, j)] = crec.recommend(h, k=5)
-        except Exception as exc:  # noqa: BLE001  reported below
-            errors.append(exc)
+        for rep in range(4):
+            for j, h in enumerate(hs):
+                got[(i, rep, j)] = crec.recommend(h, k=5)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert not run_threads(4, client)
     assert all(r == want[j] for (_, _, j), r in got.items())
 
 

@@ -5,7 +5,6 @@ exclusion, input errors, thread safety, checkpoint loading and the
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from canet_kernels.model import CANet, CANetConfig
 from canet_kernels.serving import Recommendation, Recommender
 from canet_kernels.train import TrainConfig, save_weights, write_config
 
-from helpers import one_thread  # noqa: F401  (autouse fixture)
+from helpers import one_thread, run_threads  # noqa: F401  (autouse fixture)
 
 N_ITEMS = 60
 
@@ -145,24 +144,16 @@ def test_bad_arguments_are_rejected(rec):
 def test_threads_get_the_serial_results(rec):
     hs = histories(16, seed=3)
     want = [rec.recommend(h, k=5) for h in hs] + [rec.recommend(hs[:4], k=5)]
-    errors, got = [], {}
+    got = {}
 
     def client(i):
-        try:
-            for rep in range(6):
-                for j, h in enumerate(hs):
-                    if (j + i + rep) % 4 == 0:
-                        got[(i, rep, j)] = rec.recommend(h, k=5)
-                got[(i, rep, "batch")] = rec.recommend(hs[:4], k=5)
-        except Exception as exc:  # noqa: BLE001  reported below
-            errors.append(exc)
+        for rep in range(6):
+            for j, h in enumerate(hs):
+                if (j + i + rep) % 4 == 0:
+                    got[(i, rep, j)] = rec.recommend(h, k=5)
+            got[(i, rep, "batch")] = rec.recommend(hs[:4], k=5)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert not run_threads(4, client)
     for (i, rep, j), r in got.items():
         assert r == (want[-1] if j == "batch" else want[j])
 
