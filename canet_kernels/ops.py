@@ -8,7 +8,9 @@ launchers) instead of the dispatcher.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from types import SimpleNamespace
 
 import torch
@@ -275,6 +277,18 @@ def _register_triton():
 
 
 _register_triton()
+
+
+def shared_plans():
+    """A scope (context manager) in which the Triton kernels build each tile
+    plan of a route layout once and share it between ops and layers
+    (canet_kernels.triton.shared_plans); open it around one forward. A no-op
+    where the Triton kernels are not loaded and while torch.compile traces
+    (the compiled code launches the ops later, outside it)."""
+    mod = sys.modules.get("canet_kernels.triton")
+    if mod is None or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return mod.shared_plans()
 
 
 # ------------------------------------------------------- routed scoring ----

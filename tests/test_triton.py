@@ -316,6 +316,54 @@ def test_prefix_views_of_a_route_plan():
     torch.testing.assert_close(part, full[:t])
 
 
+def _two_layer_stack(cu, widths, b1, layers):
+    """Layer 0 on every sample, layer 1 on the first b1 (prefix views), as
+    routing.run_layers runs them, through the Triton launchers."""
+    from canet_kernels import functional as CF
+    from canet_kernels.ops import KernelOps
+    ops = KernelOps(kt.KERNELS)
+    x = rand(int(cu[-1]), D, dtype=torch.float32, seed=3)
+
+    def layer(p, h, c, w):
+        return CF.routed_layer(h, c, w, p, H, R, 1e-5, ops=ops)
+    h = layer(layers[0], x, cu, widths)
+    t = int(cu[b1])
+    return torch.cat([layer(layers[1], h[:t], cu[:b1 + 1], widths[:b1]), h[t:]])
+
+
+def test_shared_plans_build_each_layout_once(monkeypatch):
+    cu, widths = routes()
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s, sc=0.1: torch.randn(*s, generator=g) * sc  # noqa: E731
+    layers = [dict(w_qkv=r(3, D, D), b_qkv=r(3, D), w_o=r(D, D), b_o=r(D),
+                   ln1_w=1 + r(D), ln1_b=r(D), w1=r(R * D, D), b1=r(R * D),
+                   w2=r(D, R * D), b2=r(D), ln2_w=1 + r(D), ln2_b=r(D)) for _ in range(3)]
+    builds = []
+    real = kt._tiles._build
+    monkeypatch.setattr(kt._tiles, "_build",
+                        lambda *a: builds.append(len(a[-1])) or real(*a))
+    want = _two_layer_stack(cu, widths, 4, layers)
+    alone = len(builds)
+    builds.clear()
+    with kt.shared_plans():
+        got = _two_layer_stack(cu, widths, 4, layers)
+        shared = len(builds)
+        # layers on the same samples as layer 0 (the full views) build nothing new
+        _two_layer_stack(cu, widths, len(LENGTHS), layers[1:])
+        assert len(builds) == shared
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert alone == 8 and shared < alone, (alone, shared)
+    # other routes in the same scope (another widths tensor) get their own plans
+    builds.clear()
+    with kt.shared_plans():
+        _two_layer_stack(cu, widths, 4, layers)
+        other = torch.tensor(list(reversed(WIDTHS)), dtype=widths.dtype)
+        got = _two_layer_stack(cu, other, 4, layers)
+    torch.testing.assert_close(got, _two_layer_stack(cu, other, 4, layers), atol=0, rtol=0)
+    # outside any scope nothing is kept
+    assert not kt._tiles._SCOPES
+
+
 @pytest.mark.parametrize("change, match", [
     (lambda a: a.__setitem__(2, a[2].float()), r"widths must be an int32 or int64"),
     (lambda a: a.__setitem__(2, a[2][:3]), r"widths must be shape \[7\]"),

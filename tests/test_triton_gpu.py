@@ -175,6 +175,41 @@ def test_cuda_graph_of_a_routed_sequence():
     torch.testing.assert_close(out, step())
 
 
+def test_cuda_graph_with_shared_plans_follows_new_routes():
+    # plans shared inside the captured call are rebuilt by every replay: new
+    # widths written into the captured route tensors change the result
+    cu, w = routes()
+    T = int(cu[-1])
+    x = rand(T, D, seed=1).float()
+    w1, b1 = rand(R * D, D, scale=D ** -0.5).float(), rand(R * D, scale=0.1).float()
+    w2, b2 = rand(D, R * D, scale=(R * D) ** -0.5).float(), rand(D, scale=0.1).float()
+    ln_w, ln_b = rand(D, scale=0.1, shift=1.0).float(), rand(D, scale=0.1).float()
+
+    def step():
+        with kt.shared_plans():
+            f = kt.sliced_ffn_fwd(x, cu, w, w1, b1, w2, b2, R, False)[0]
+            y = kt.sliced_add_layernorm_fwd(f, x, cu, w, ln_w, ln_b, 1e-5)[0]
+            return kt.sliced_add_layernorm_fwd(y, f, cu, w, ln_w, ln_b, 1e-5)[0]
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    w.copy_(torch.tensor(list(reversed(WIDTHS)), dtype=w.dtype, device=DEV))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = step()
+    torch.testing.assert_close(out, want)
+    f = reference.sliced_ffn(x, cu, w, w1, b1, w2, b2, R)
+    y = reference.sliced_add_layernorm(f, x, cu, w, ln_w, ln_b, 1e-5)
+    ref = reference.sliced_add_layernorm(y, f, cu, w, ln_w, ln_b, 1e-5)
+    torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
+
+
 def test_model_routed_matches_masked():
     # the whole CANet model on CUDA: routed (canet ops) against the paper's
     # masked formulation, loss and every parameter gradient, fp32

@@ -23,6 +23,7 @@ from .sliced_linear import sliced_linear, sliced_linear_backward
 from .sliced_linear_cross_entropy import (sliced_linear_cross_entropy_backward,
                                           sliced_linear_cross_entropy_fwd)
 from .sliced_linear_topk import sliced_linear_topk
+from ._tiles import shared_plans
 
 # Kernels are compiled or interpreted depending on TRITON_INTERPRET at import.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -61,4 +62,4 @@ def register(force: bool = False) -> list:
     return sorted(_registered)
 
 
-__all__ = ["register", "KERNELS", "INTERPRETED"] + list(KERNELS)
+__all__ = ["register", "shared_plans", "KERNELS", "INTERPRETED"] + list(KERNELS)

@@ -16,6 +16,7 @@ One tile list is an int32 tensor with `nt` slots, real tiles first:
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -129,11 +130,51 @@ def _align(n: int) -> int:
     return (n + 15) // 16 * 16
 
 
+# Scopes of shared_plans(), innermost last: {key: (Tiles, the key's tensors)}.
+_SCOPES: list = []
+
+
+@contextmanager
+def shared_plans():
+    """Within the scope, ops on the same routes share their tile lists: a
+    list is built once for given (cu_seqlens, widths, rows, BM, mode) tensors
+    and views, and later ops find it, e.g. the four ops of a layer, and the
+    layers whose active samples are the same. The scope keeps the tensors
+    it keyed on alive, so their addresses cannot be reused for other routes
+    inside it. Open it around one forward (inside a CUDA-graph capture, not
+    around one: a list built before the capture would not be rebuilt by a
+    replay), and do not write into the route tensors inside it."""
+    _SCOPES.append({})
+    try:
+        yield
+    finally:
+        _SCOPES.pop()
+
+
+def _route_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t.shape[0], t.dtype)
+
+
 def build_tiles(cu_seqlens, widths_in, widths_out, T: int, configs):
     """Tile lists for `configs` = [(BM, per_sample), ...] (one or two), in one
-    launch. widths_out may be widths_in."""
+    launch (none when a shared_plans() scope already holds them). widths_out
+    may be widths_in."""
     if not 1 <= len(configs) <= 2:
         raise ValueError("build_tiles takes one or two configs")
+    if not _SCOPES:
+        return _build(cu_seqlens, widths_in, widths_out, T, configs)
+    scope = _SCOPES[-1]
+    base = (_route_key(cu_seqlens), _route_key(widths_in), _route_key(widths_out), T)
+    keys = [base + (int(bm), bool(per_sample)) for bm, per_sample in configs]
+    missing = [(c, k) for c, k in zip(configs, keys) if k not in scope]
+    if missing:
+        built = _build(cu_seqlens, widths_in, widths_out, T, [c for c, _ in missing])
+        for (_, k), tiles in zip(missing, built):
+            scope[k] = (tiles, (cu_seqlens, widths_in, widths_out))
+    return [scope[k][0] for k in keys]
+
+
+def _build(cu_seqlens, widths_in, widths_out, T: int, configs):
     B = widths_in.shape[0]
     params, offset = [], 0
     for bm, per_sample in configs:

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import functional
+from .. import ops as _ops
 from ..routing import gather_tokens, plan_routes, run_layers, run_masked_layers
 from .config import CANetConfig
 from .router import Router
@@ -281,10 +282,11 @@ class RoutedEncoder(nn.Module):
         emb = self.item_emb(tok) if x.dim() == 2 else tok
         # sliced_linear reads only x[:, :e_b]: no need to zero the rest.
         h = self._drop(emb + self.pos_emb(pos), dropout)                 # [T, E]
-        h = ops.sliced_linear(h, plan.cu_seqlens, plan.emb_widths, plan.widths,
-                              self.w_p, self.b_p)                        # [T, D]
-        h = run_layers(plan, h, self.layers,
-                       lambda layer, h, cu, w: layer(h, cu, w, dropout))
+        with _ops.shared_plans():   # one tile plan per route layout, not per op
+            h = ops.sliced_linear(h, plan.cu_seqlens, plan.emb_widths, plan.widths,
+                                  self.w_p, self.b_p)                    # [T, D]
+            h = run_layers(plan, h, self.layers,
+                           lambda layer, h, cu, w: layer(h, cu, w, dropout))
         if gate is not None:
             h = h * torch.repeat_interleave(gate[plan.order], plan.lengths)[:, None]
         return h, plan
