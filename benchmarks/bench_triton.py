@@ -33,6 +33,9 @@ make_batch), timed interleaved (benchmarks/timing.py; CUDA events on CUDA):
   dense-compile          the same through torch.compile (inductor,
                          dynamic=False, fullgraph) in the mode measured
                          fastest at the start of the run (--compile-modes)
+  routed-compile         the routed stack through torch.ops.canet under
+                         torch.compile (fullgraph, mode "default"): a model
+                         built on the ops, compiled as a user would
   bucket, bucket-compile the sort-by-width alternative (providers.Bucket):
                          one plain-PyTorch call per width bucket and op,
                          eager and compiled
@@ -111,6 +114,13 @@ def _out_tensor(out):
     return out
 
 
+# Set by --deadline: compiled variants not yet built when it passes are
+# skipped (and reported so; the others build in seconds), so that a run cut
+# short by its time limit still has whole scenarios. Builders come in order
+# of importance.
+DEADLINE = None
+
+
 def build_variants(builders, unavailable, device):
     """Builds each variant (name -> zero-arg builder returning the timed
     callable) and calls it once: compiles, captures, warms. Returns the
@@ -120,6 +130,9 @@ def build_variants(builders, unavailable, device):
     fns, compile_s, outs, errors = {}, {}, {}, {}
     for name, build in builders.items():
         if name in unavailable:
+            continue
+        if "compile" in name and DEADLINE is not None and time.perf_counter() > DEADLINE:
+            unavailable[name] = "skipped: the run's --deadline had passed"
             continue
         try:
             t0 = time.perf_counter()
@@ -144,11 +157,11 @@ def variant_set(device, mode, skip):
     if mode is None:
         cok, cwhy = False, "no compile mode compiled (see compile_mode_selection)"
     for name in ("routed-graphs", "dense-graphs", "dense-compile-graphs",
-                 "bucket-compile-graphs"):
+                 "routed-compile-graphs", "bucket-compile-graphs"):
         if not gok:
             unavailable[name] = gwhy
-    for name in ("dense-compile", "dense-compile-graphs", "bucket-compile",
-                 "bucket-compile-graphs"):
+    for name in ("dense-compile", "dense-compile-graphs", "routed-compile",
+                 "routed-compile-graphs", "bucket-compile", "bucket-compile-graphs"):
         if not cok:
             unavailable.setdefault(name, cwhy)
     for name in skip:
@@ -199,11 +212,13 @@ def forward_scenario(cfg, batch, W, kt, device, mode, skip):
     ops = KernelOps(kt.KERNELS)
     bucket = P.Bucket()
     layout = bucket.layout(b)
-    dc, bc = P.DenseCompiled(mode or "default"), P.BucketCompiled(mode or "default")
-    base = {
+    dc, bc = P.DenseCompiled(mode or "default"), P.BucketCompiled(cfg["bucket_mode"])
+    rc = P.compiled(P.routed_forward, "default")
+    base = {   # in order of importance (--deadline)
         "routed": lambda: P.routed_stack(ops, plan, batch["x"], W),
         "dense": lambda: P.dense_stack(b.x, W),
         "dense-compile": lambda: dc.forward(W, b),
+        "routed-compile": lambda: rc(batch["x"], W, plan),
         "bucket": lambda: bucket.run(W, b.x, layout),
         "bucket-compile": lambda: bc.run(W, b.x, layout),
     }
@@ -238,7 +253,8 @@ def training_scenario(cfg, batch, weights, device, mode, skip):
     from benchmarks import providers as P
     plan, b = batch["plan"], batch["batch"]
     layout = P.Bucket.layout(b)
-    dc, bc = P.DenseCompiled(mode or "default"), P.BucketCompiled(mode or "default")
+    dc, bc = P.DenseCompiled(mode or "default"), P.BucketCompiled(cfg["bucket_mode"])
+    rc = P.compiled(P.routed_loss, "default")
 
     def leaf(t):
         return t.detach().clone().requires_grad_()
@@ -247,12 +263,15 @@ def training_scenario(cfg, batch, weights, device, mode, skip):
         """make_loss(W, x) -> zero-arg loss; a TrainStep on fresh leaves."""
         def build():
             W = P.trainable(weights)
-            x = leaf(batch["x"] if make_loss is routed else b.x)
+            x = leaf(batch["x"] if make_loss in (routed, routed_compile) else b.x)
             return P.TrainStep(make_loss(W, x), W, extra=[x], graphs=graphs)
         return build
 
     def routed(W, x):
-        return lambda: P.routed_stack(P.CF, plan, x, W).float().square().mean()
+        return lambda: P.routed_loss(x, W, plan)
+
+    def routed_compile(W, x):
+        return lambda: rc(x, W, plan)
 
     def dense(W, x):
         return lambda: P._dense_loss(x, W)
@@ -260,8 +279,9 @@ def training_scenario(cfg, batch, weights, device, mode, skip):
     def bucket(W, x):
         return lambda: P._bucket_loss(x, W, layout)
 
-    makers = {"routed": routed, "dense": dense,
+    makers = {"routed": routed, "dense": dense,   # in order of importance (--deadline)
               "dense-compile": lambda W, x: dc.loss_fn(W, x),
+              "routed-compile": routed_compile,
               "bucket": bucket,
               "bucket-compile": lambda W, x: bc.loss_fn(W, x, layout)}
     builders = {}
@@ -347,9 +367,59 @@ def report(name, res):
         print(f"  target: {res['target']}: {state}", flush=True)
 
 
-def kernel_profile(fns, top=12):
-    """Device time per kernel name (ms, summed over one call of each fn),
-    read from the profiler's kernel events: where the time goes."""
+# kernel name -> family of the profile (first match); canet's Triton kernels
+# by their jit names, the dense model's by library naming
+FAMILIES = (
+    ("attention projections", ("_mm_kernel",)),
+    ("attention core", ("_attn_fwd_kernel",)),
+    ("add + LayerNorm", ("_ln_fwd_kernel",)),
+    ("FFN", ("_ffn_fwd_kernel",)),
+    ("tile plans", ("_plan_kernel",)),
+    ("backward: weight gradients", ("_dw_kernel", "_reduce_kernel")),
+    ("backward: attention", ("_attn_dq_kernel", "_attn_dkdv_kernel")),
+    ("backward: FFN", ("_ffn_bwd_kernel",)),
+    ("backward: add + LayerNorm", ("_ln_bwd_kernel",)),
+    ("optimizer", ("adam", "Adam")),
+    ("inductor fused", ("triton_",)),
+    ("GEMM (library)", ("gemm", "nvjet", "xmma", "cutlass", "sm90_")),
+    ("attention (library)", ("flash", "fmha", "attention", "cudnn")),
+    ("LayerNorm (library)", ("layer_norm",)),
+)
+
+
+def family_of(kernel: str) -> str:
+    for fam, keys in FAMILIES:
+        if any(k in kernel for k in keys):
+            return fam
+    return "other (copies, elementwise)"
+
+
+def families(per: dict, counts: dict | None = None, peaks: dict | None = None) -> dict:
+    """Kernel time per family from per-kernel {name: (ms, calls)}, slowest
+    first; with counts ({family: (FLOPs, bytes)}) each family's achieved
+    TFLOP/s and TB/s, and with `peaks` (timing.device_peaks) their share."""
+    fam = {}
+    for k, (t, n) in per.items():
+        f = fam.setdefault(family_of(k), dict(ms=0.0, calls=0))
+        f["ms"] += t
+        f["calls"] += n
+    for f, row in fam.items():
+        flops, nbytes = (counts or {}).get(f, (None, None))
+        if flops is None or row["ms"] <= 0:
+            continue
+        row.update(gflop=flops / 1e9, gb=nbytes / 1e9,
+                   tflop_s=flops / row["ms"] / 1e9, tb_s=nbytes / row["ms"] / 1e9)
+        if peaks:
+            row["of_peak_flop"] = row["tflop_s"] / peaks["matmul_tflop_s"]
+            row["of_peak_bw"] = row["tb_s"] / peaks["copy_tb_s"]
+    return dict(sorted(fam.items(), key=lambda kv: -kv[1]["ms"]))
+
+
+def kernel_profile(fns, counts=None, peaks=None, top=12):
+    """Device time per kernel name and per family (ms, summed over one call of
+    each fn), read from the profiler's kernel events: where the time goes.
+    counts: name -> {family: (FLOPs, bytes)} adds each family's achieved
+    rates (`families`)."""
     from torch.profiler import ProfilerActivity, profile
     out = {}
     for name, fn in fns.items():
@@ -367,9 +437,17 @@ def kernel_profile(fns, top=12):
         total = sum(t for t, _ in per.values())
         rows = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
         out[name] = dict(kernel_ms=total, launches=sum(n for _, n in per.values()),
+                         families=families(per, (counts or {}).get(name), peaks),
                          top=[dict(kernel=k, ms=t, calls=n) for k, (t, n) in rows])
         print(f"profile {name}: {total:.3f} ms of kernels in "
               f"{out[name]['launches']} launches")
+        for f, row in out[name]["families"].items():
+            line = f"  {row['ms']:8.3f} ms {row['calls']:5d}x  {f}"
+            if "tflop_s" in row:
+                line += (f"   {row['tflop_s']:6.1f} TFLOP/s ({100 * row.get('of_peak_flop', 0):4.1f}%)"
+                         f"  {row['tb_s']:5.2f} TB/s ({100 * row.get('of_peak_bw', 0):4.1f}%)")
+            print(line)
+        print("  top kernels:")
         for k, (t, n) in rows:
             print(f"  {t:8.3f} ms {n:5d}x  {k}")
     return out
@@ -380,11 +458,13 @@ def kernel_profile(fns, top=12):
 # compiled once for them.
 CONFIGS = {
     "full": dict(D=128, layers=8, dtype=torch.bfloat16, reps=15, warmup=3,
+                 bucket_mode="default",
                  scenarios=dict(mixed=(1024, 200, [64, 96, 128], [2, 4, 6, 8]),
                                 max_route=(1024, 200, [128], [8]),
                                 latency=(64, 50, [64, 96, 128], [2, 4, 6, 8]),
                                 training=(1024, 200, [64, 96, 128], [2, 4, 6, 8]))),
     "smoke": dict(D=32, layers=2, dtype=torch.float32, reps=1, warmup=0,
+                  bucket_mode="default",
                   scenarios=dict(mixed=(3, 5, [16, 24, 32], [1, 2]),
                                  max_route=(3, 5, [32], [2]),
                                  latency=(2, 3, [16, 32], [1, 2]),
@@ -407,11 +487,27 @@ def main(argv=None):
                     "default, to keep its compiles few)")
     ap.add_argument("--blocks", help="JSON of tile-shape overrides, as written by "
                     "tune_triton.py --write-blocks ({'ffn/half': {...}, ...})")
+    ap.add_argument("--bucket-compile-mode",
+                    help="torch.compile mode of the bucket variants (default: "
+                    "\"default\": its GEMMs have a shape per width and depth, "
+                    "3 x 8 x 4 of them, too many to autotune in a run's budget)")
     ap.add_argument("--profile", action="store_true",
-                    help="also print device time per kernel of the mixed forward (CUDA)")
+                    help="also print device time per kernel and kernel family of the "
+                    "mixed forward and of a training step, with each family's achieved "
+                    "TFLOP/s and TB/s against the GPU's measured peaks (CUDA)")
+    ap.add_argument("--deadline", type=float,
+                    help="seconds: compiled variants not built by then are skipped "
+                    "(reported), and the profile is left out, so a time limit keeps "
+                    "whole results")
     args = ap.parse_args(argv)
 
-    cfg = CONFIGS["smoke" if args.smoke else "full"]
+    global DEADLINE
+    start = time.perf_counter()
+    if args.deadline is not None:
+        DEADLINE = start + args.deadline
+    cfg = dict(CONFIGS["smoke" if args.smoke else "full"])
+    if args.bucket_compile_mode:
+        cfg["bucket_mode"] = args.bucket_compile_mode
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
         device = torch.device("cpu")
@@ -443,7 +539,9 @@ def main(argv=None):
 
     D, layers, dtype = cfg["D"], cfg["layers"], cfg["dtype"]
     weights = P.make_weights(D, layers, RATIO, HEADS, dtype=dtype, device=device)
-    todo = args.only or list(cfg["scenarios"])
+    # training before latency: its compiles take long, and its target matters more
+    todo = args.only or [n for n in ("mixed", "max_route", "training", "latency")
+                         if n in cfg["scenarios"]]
     batches = {}
 
     def batch_of(name):
@@ -466,8 +564,13 @@ def main(argv=None):
                 torch=torch.__version__, triton=triton.__version__, dtype=str(dtype),
                 D=D, layers=layers, heads=HEADS, ffn_ratio=RATIO, smoke=args.smoke,
                 block_overrides=blocks, compile_mode=mode, compile_mode_selection=selection,
+                bucket_compile_mode=cfg["bucket_mode"], routed_compile_mode="default",
                 timing="interleaved medians; CUDA events on CUDA, wall clock on the CPU",
                 machine=timing.machine_info(device))
+    if device.type == "cuda":
+        meta["peaks"] = peaks(timing)
+        print("peaks: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k}: {v}"
+                                    for k, v in meta["peaks"].items()), flush=True)
     results = {}
     for name in todo:
         batch = batch_of(name)
@@ -481,18 +584,64 @@ def main(argv=None):
         report(name, res)
         write(args.json, dict(meta=meta, results=results))  # a later timeout keeps these
     if args.profile and device.type == "cuda":
-        batch = batch_of("mixed")
-        from canet_kernels.ops import KernelOps
-        ops = KernelOps(kt.KERNELS)
-        fns = dict(routed=lambda: P.routed_stack(ops, batch["plan"], batch["x"], weights),
-                   dense=lambda: P.dense_stack(batch["batch"].x, weights))
-        if mode is not None:
-            dc = P.DenseCompiled(mode)
-            fns["dense-compile"] = lambda: dc.forward(weights, batch["batch"])
-        with torch.no_grad():
-            results["profile"] = kernel_profile(fns)
+        if DEADLINE is not None and time.perf_counter() > DEADLINE:
+            results["profile"] = dict(skipped="the run's --deadline had passed")
+        else:
+            results["profile"] = profiles(batch_of("mixed"), weights, kt, mode, meta["peaks"])
     out = dict(meta=meta, results=results)
     write(args.json, out)
+    return out
+
+
+# datasheet peaks (dense bf16 tensor-core TFLOP/s, HBM TB/s), SXM parts;
+# the measured ceilings are what the report divides by
+DATASHEET = {"H100": (989.0, 3.35), "H200": (989.0, 4.8)}
+
+
+def peaks(timing) -> dict:
+    out = timing.device_peaks()
+    name = torch.cuda.get_device_name()
+    for key, (tflops, tbs) in DATASHEET.items():
+        if key in name:
+            out.update(datasheet_tflop_s=tflops, datasheet_tb_s=tbs)
+    return out
+
+
+def profiles(batch, weights, kt, mode, peak) -> dict:
+    """Kernel time per family of the mixed forward (routed with each family's
+    achieved rates; dense eager and compiled) and of one training step
+    (routed through torch.ops.canet; dense compiled)."""
+    from benchmarks import providers as P
+    from canet_kernels import flops as FL
+    from canet_kernels.ops import KernelOps
+    b, plan = batch["batch"], batch["plan"]
+    ops = KernelOps(kt.KERNELS)
+    elem = b.x.element_size()
+    fwd = FL.stack_kernel_counts(b.lengths, b.widths, b.depths, elem, RATIO)
+    dense = FL.stack_kernel_counts([b.L] * b.B, [b.x.shape[-1]] * b.B,
+                                   [len(weights["layers"])] * b.B, elem, RATIO)
+    dense_total = (sum(f for f, _ in dense.values()), sum(n for _, n in dense.values()))
+    fns = dict(routed=lambda: P.routed_stack(ops, plan, batch["x"], weights),
+               dense=lambda: P.dense_stack(b.x, weights))
+    if mode is not None:
+        dc = P.DenseCompiled(mode)
+        fns["dense-compile"] = lambda: dc.forward(weights, b)
+    counts = {"routed": fwd}
+    with torch.no_grad():
+        out = dict(forward=kernel_profile(fns, counts, peak))
+    for name in ("dense", "dense-compile"):   # the whole forward's achieved rates
+        if name in out["forward"]:
+            ms = out["forward"][name]["kernel_ms"]
+            out["forward"][name].update(tflop_s=dense_total[0] / ms / 1e9,
+                                        tb_s=dense_total[1] / ms / 1e9)
+    Wr = P.trainable(weights)
+    xr = batch["x"].detach().clone().requires_grad_()
+    steps = dict(routed=P.TrainStep(lambda: P.routed_loss(xr, Wr, plan), Wr, extra=[xr]))
+    if mode is not None:
+        Wd = P.trainable(weights)
+        xd = b.x.detach().clone().requires_grad_()
+        steps["dense-compile"] = P.TrainStep(dc.loss_fn(Wd, xd), Wd, extra=[xd])
+    out["training_step"] = kernel_profile(steps, None, peak)
     return out
 
 

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 import canet_kernels  # noqa: F401  registers torch.ops.canet
 from canet_kernels import functional as CF
 from canet_kernels import reference as REF
+from canet_kernels.ops import shared_plans
 from canet_kernels.routing import (gather_tokens, plan_routes, run_layers,
                                    run_masked_layers, token_index)
 
@@ -259,7 +260,18 @@ def routed_stack(ops, plan, h, W):
     (functional.routed_layer through `ops`) on the samples deeper than l."""
     def layer(p, h, cu, w):
         return CF.routed_layer(h, cu, w, p, W["heads"], W["ratio"], EPS, ops=ops)
-    return run_layers(plan, h, W["layers"], layer)
+    with shared_plans():   # as the model runs it: one tile plan per route layout
+        return run_layers(plan, h, W["layers"], layer)
+
+
+def routed_forward(h, W, plan):
+    """routed_stack through torch.ops.canet: what torch.compile traces (the
+    ops stay opaque kernels; inductor fuses what lies between them)."""
+    return routed_stack(CF, plan, h, W)
+
+
+def routed_loss(h, W, plan):
+    return routed_forward(h, W, plan).float().square().mean()
 
 
 # ------------------------------------------------------------- backbones --

@@ -184,6 +184,38 @@ def graph_ms(fn: Callable, reps: int = 100, warmup: int = 10,
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
+def device_peaks(dtype=torch.bfloat16, copy_bytes: int = 2 << 30, n: int = 8192) -> dict:
+    """The two ceilings of this GPU, measured: device-to-device copy
+    bandwidth (bytes read + written) and the matrix rate of an n^3 product
+    in `dtype` on random data (zeros run faster), each the median of CUDA
+    events over several calls after warm-up."""
+    def median_ms(fn, reps=10):
+        for _ in range(3):
+            fn()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(reps)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in events)
+
+    src = torch.randint(0, 127, (copy_bytes,), dtype=torch.int8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: dst.copy_(src))
+    del src, dst
+    a = torch.randn(n, n, dtype=dtype, device="cuda")
+    b = torch.randn(n, n, dtype=dtype, device="cuda")
+    mm_ms = median_ms(lambda: a @ b)
+    del a, b
+    torch.cuda.empty_cache()
+    return dict(copy_tb_s=2 * copy_bytes / copy_ms / 1e9,
+                matmul_tflop_s=2 * n ** 3 / mm_ms / 1e9,
+                how=f"copy of {copy_bytes >> 20} MiB (read + write); "
+                    f"{n}^3 {str(dtype).replace('torch.', '')} product, random data")
+
+
 # ---------------------------------------------------------------- memory --
 
 def pin_malloc() -> str:

@@ -123,3 +123,53 @@ def dense_bytes(batch: int, seq_len: int, width: int, layers: int, elem_size: in
                 ratio: int = 4) -> float:
     return backbone_bytes([seq_len] * batch, [width] * batch, [layers] * batch,
                           elem_size, ratio)
+
+
+# The forward kernels of one layer and their share of the op counts above:
+# sliced_attention is two kernels, the grouped-GEMM projections (x read, Q/K/V
+# written, ctx read, out written: 6 n w) and the attention core (Q/K/V read,
+# ctx written: 4 n w; the score FLOPs); the other ops are one kernel each.
+KERNEL_FAMILIES = ("attention projections", "attention core", "add + LayerNorm", "FFN")
+
+
+def _family_counts(family: str, n: int, w: int, ratio: int, causal: bool) -> tuple:
+    """(FLOPs, activation elements) of one kernel family on one sample."""
+    if family == "attention projections":
+        return 4 * n * w * w * 2, 6 * n * w
+    if family == "attention core":
+        return 2 * 2 * _pairs(n, causal) * w, 4 * n * w
+    if family == "add + LayerNorm":   # two per layer
+        return 0.0, 2 * _act_elems("sliced_add_layernorm", n, w, ratio)
+    if family == "FFN":
+        return op_flops("sliced_ffn", n, w, ratio), _act_elems("sliced_ffn", n, w, ratio)
+    raise ValueError(f"unknown kernel family {family!r}")
+
+
+def stack_kernel_counts(lengths, widths, depths, elem_size: int, ratio: int = 4,
+                        causal: bool = True) -> dict:
+    """family -> (FLOPs, bytes) of the routed forward stack, per kernel family
+    (KERNEL_FAMILIES), under the counts above; the weight block of the widest
+    active sample is read once per layer and kernel. Sums to backbone_flops
+    and backbone_bytes."""
+    ls, ws, ds = _ints(lengths), _ints(widths), _ints(depths)
+    out = {f: [0.0, 0.0] for f in KERNEL_FAMILIES}
+    for layer in range(max(ds) if ds else 0):
+        act = [(n, w) for n, w, d in zip(ls, ws, ds) if d > layer]
+        if not act:
+            break
+        wmax = max(w for _, w in act)
+        for fam in KERNEL_FAMILIES:
+            for n, w in act:
+                f, e = _family_counts(fam, n, w, ratio, causal)
+                out[fam][0] += f
+                out[fam][1] += e * elem_size
+            if fam == "attention projections":
+                wel = _weight_elems("sliced_attention", wmax, ratio)
+            elif fam == "attention core":
+                wel = 0.0
+            elif fam == "add + LayerNorm":
+                wel = 2 * _weight_elems("sliced_add_layernorm", wmax, ratio)
+            else:
+                wel = _weight_elems("sliced_ffn", wmax, ratio)
+            out[fam][1] += wel * elem_size
+    return {f: tuple(v) for f, v in out.items()}

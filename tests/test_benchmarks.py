@@ -112,6 +112,21 @@ def test_flop_ratio_counts():
     assert FL.layer_flops(n, w) == 24 * n * w * w + 4 * (n * (n + 1) / 2) * w
 
 
+def test_kernel_family_counts_split_the_stack():
+    # the per-kernel split of the GPU profile sums to the stack's counts
+    lengths, widths, depths = [7, 50, 1, 33], [64, 128, 96, 64], [2, 8, 1, 4]
+    fam = FL.stack_kernel_counts(lengths, widths, depths, elem_size=2)
+    assert set(fam) == set(FL.KERNEL_FAMILIES)
+    assert sum(f for f, _ in fam.values()) == pytest.approx(
+        FL.backbone_flops(lengths, widths, depths))
+    assert sum(b for _, b in fam.values()) == pytest.approx(
+        FL.backbone_bytes(lengths, widths, depths, 2))
+    # one sample, one layer: the core's FLOPs are the causal score pairs
+    one = FL.stack_kernel_counts([10], [64], [1], elem_size=2)
+    assert one["attention core"][0] == 4 * 55 * 64
+    assert one["add + LayerNorm"][0] == 0
+
+
 def test_route_mix_json(tmp_path):
     path = tmp_path / "mix.json"
     path.write_text(json.dumps({"routes": [{"hidden": 64, "depth": 2, "share": 3},
@@ -253,16 +268,43 @@ def test_bench_triton_smoke_reports_fastest_dense(tmp_path):
     assert doc["meta"]["compile_mode"] == "default"
     res = doc["results"]["latency"]
     assert not res["errors"], res["errors"]
-    assert {"routed", "dense", "dense-compile", "bucket", "bucket-compile"} <= set(
-        res["providers"])
+    assert {"routed", "dense", "dense-compile", "routed-compile", "bucket",
+            "bucket-compile"} <= set(res["providers"])
     assert all("CUDA" in why for why in res["unavailable"].values())
     assert "routed-graphs" in res["unavailable"]
     assert res["best_dense"]["name"] in ("dense", "dense-compile")
     assert min(res["over_best_dense"][n] for n in ("dense", "dense-compile")) == 1.0
-    assert max(res["max_abs_diff_vs_eager"][n] for n in ("dense-compile",
+    assert max(res["max_abs_diff_vs_eager"][n] for n in ("dense-compile", "routed-compile",
                                                          "bucket-compile")) < 1e-5
     for key in ("routed_over_dense", "routed_flop_ratio", "routed_over_best_dense",
                 "over_flop_ratio", "target", "meets_target"):
         assert key in res, key
     assert res["meets_target"] is None            # its target reads routed-graphs
     assert "fastest dense" in r.stdout and "unavailable: CUDA graphs" in r.stdout
+    # past --deadline the compiled variants are skipped, the rest still run
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_triton.py"),
+                        "--smoke", "--only", "latency", "--deadline", "0", "--json", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]["latency"]
+    assert {"routed", "dense", "bucket"} == set(res["providers"])
+    assert "deadline" in res["unavailable"]["dense-compile"]
+
+
+def test_bench_triton_kernel_families():
+    # the GPU profile's split: kernel names to families, achieved rates
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_triton as BT
+    assert BT.family_of("_ffn_fwd_kernel") == "FFN"
+    assert BT.family_of("_attn_dkdv_kernel") == "backward: attention"
+    assert BT.family_of("triton_per_fused_add_native_layer_norm_0") == "inductor fused"
+    assert BT.family_of("void at::native::vectorized_layer_norm_kernel<c10::BFloat16>") \
+        == "LayerNorm (library)"
+    assert BT.family_of("cudaMemcpyAsync").startswith("other")
+    per = {"_mm_kernel": (0.5, 16), "_ffn_fwd_kernel": (1.0, 8), "_plan_kernel": (0.1, 32)}
+    fam = BT.families(per, {"FFN": (2e12, 1e9)}, dict(matmul_tflop_s=800.0, copy_tb_s=4.0))
+    assert list(fam) == ["FFN", "attention projections", "tile plans"]
+    ffn = fam["FFN"]
+    assert ffn["tflop_s"] == pytest.approx(2000.0) and ffn["tb_s"] == pytest.approx(1.0)
+    assert ffn["of_peak_flop"] == pytest.approx(2.5) and ffn["of_peak_bw"] == pytest.approx(0.25)
+    assert "tflop_s" not in fam["tile plans"]
