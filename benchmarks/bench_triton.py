@@ -264,7 +264,8 @@ def training_scenario(cfg, batch, weights, device, mode, skip):
         def build():
             W = P.trainable(weights)
             x = leaf(batch["x"] if make_loss in (routed, routed_compile) else b.x)
-            return P.TrainStep(make_loss(W, x), W, extra=[x], graphs=graphs)
+            scope = P.shared_plans if make_loss in (routed, routed_compile) else None
+            return P.TrainStep(make_loss(W, x), W, extra=[x], graphs=graphs, scope=scope)
         return build
 
     def routed(W, x):
@@ -636,7 +637,8 @@ def profiles(batch, weights, kt, mode, peak) -> dict:
                                         tb_s=dense_total[1] / ms / 1e9)
     Wr = P.trainable(weights)
     xr = batch["x"].detach().clone().requires_grad_()
-    steps = dict(routed=P.TrainStep(lambda: P.routed_loss(xr, Wr, plan), Wr, extra=[xr]))
+    steps = dict(routed=P.TrainStep(lambda: P.routed_loss(xr, Wr, plan), Wr, extra=[xr],
+                                    scope=P.shared_plans))
     if mode is not None:
         Wd = P.trainable(weights)
         xd = b.x.detach().clone().requires_grad_()

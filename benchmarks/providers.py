@@ -46,6 +46,7 @@ never sees a padded one, so the padded providers need no key mask.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -682,14 +683,18 @@ class TrainStep:
     step over W's leaves. Leaves in `extra` (an input that requires grad:
     the embeddings' gradient a model needs) get their gradient reset too.
 
+    scope: a context manager factory opened around forward and backward
+    (ops.shared_plans: the backward kernels reuse the forward's tile plans).
+
     graphs=True (CUDA): the whole step (forward, backward, optimizer step;
     capturable AdamW) captured in one CUDA graph after warm-up steps on a
     side stream (the pattern of torch's CUDA-graph docs); calls replay it.
     Small lr: the weights move little over a benchmark's thousands of steps."""
 
     def __init__(self, loss_fn, W: dict, extra=(), lr: float = 1e-5,
-                 graphs: bool = False, warmup: int = 3):
+                 graphs: bool = False, warmup: int = 3, scope=None):
         self.loss_fn, self.extra = loss_fn, list(extra)
+        self.scope = scope or contextlib.nullcontext
         self.params = weight_tensors(W)
         self.opt = optimizer(self.params, lr, capturable=graphs)
         self.graph = None
@@ -705,8 +710,9 @@ class TrainStep:
             t.grad = None
 
     def _body(self):
-        loss = self.loss_fn()
-        loss.backward()
+        with self.scope():
+            loss = self.loss_fn()
+            loss.backward()
         self.opt.step()
         return loss.detach()
 

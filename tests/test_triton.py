@@ -364,6 +364,34 @@ def test_shared_plans_build_each_layout_once(monkeypatch):
     assert not kt._tiles._SCOPES
 
 
+def test_shared_plans_reach_the_backward(monkeypatch):
+    # forward and backward in one scope: the backward kernels reuse the
+    # forward's plans, and the gradients are the same bits
+    cu, widths = routes()
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s, sc=0.1: (torch.randn(*s, generator=g) * sc).requires_grad_()  # noqa: E731
+    layers = [dict(w_qkv=r(3, D, D), b_qkv=r(3, D), w_o=r(D, D), b_o=r(D),
+                   ln1_w=r(D), ln1_b=r(D), w1=r(R * D, D), b1=r(R * D),
+                   w2=r(D, R * D), b2=r(D), ln2_w=r(D), ln2_b=r(D)) for _ in range(2)]
+    params = [p for layer in layers for p in layer.values()]
+    builds = []
+    real = kt._tiles._build
+    monkeypatch.setattr(kt._tiles, "_build",
+                        lambda *a: builds.append(len(a[-1])) or real(*a))
+
+    def grads():
+        out = _two_layer_stack(cu, widths, 4, layers)
+        return torch.autograd.grad(out.square().sum(), params)
+    want = grads()
+    alone = len(builds)
+    builds.clear()
+    with kt.shared_plans():
+        got = grads()
+    assert len(builds) < alone / 2, (len(builds), alone)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("change, match", [
     (lambda a: a.__setitem__(2, a[2].float()), r"widths must be an int32 or int64"),
     (lambda a: a.__setitem__(2, a[2][:3]), r"widths must be shape \[7\]"),

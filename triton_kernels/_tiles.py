@@ -143,7 +143,11 @@ def shared_plans():
     it keyed on alive, so their addresses cannot be reused for other routes
     inside it. Open it around one forward (inside a CUDA-graph capture, not
     around one: a list built before the capture would not be rebuilt by a
-    replay), and do not write into the route tensors inside it."""
+    replay), and do not write into the route tensors inside it. Scopes are
+    process-wide, so the backward kernels (run by autograd's device threads)
+    find the forward's plans when forward and backward run in one scope; a
+    lookup in another thread's scope is safe too, since a key names tensors
+    that the scope keeps alive."""
     _SCOPES.append({})
     try:
         yield
