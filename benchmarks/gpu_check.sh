@@ -84,10 +84,11 @@ XDIST=()
 if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
 step tests 120 "$PY" -m pytest tests/test_triton_gpu.py tests/test_info.py -q -rs ${XDIST[@]+"${XDIST[@]}"}
 
-# bench_triton gets what is left but 140 s (scoring, the sanitizer, the
+# bench_triton gets what is left but 170 s (scoring, the sanitizer, the
 # summary); its deadline leaves the last scenario's timing and the profile
-# 60 s more
-LEFT=$(( BUDGET - ($(date +%s) - START) - 140 ))
+# 60 s more. Measured on an H200: 209 s for the whole step, 34 s build, 43 s
+# tests, 20 s scoring, 79 s sanitizer with a cold Triton cache
+LEFT=$(( BUDGET - ($(date +%s) - START) - 170 ))
 # shellcheck disable=SC2086  # BENCH_TRITON_ARGS is a list of words
 step bench_triton "$LEFT" "$PY" benchmarks/bench_triton.py --profile \
     --deadline $(( LEFT > 120 ? LEFT - 60 : LEFT / 2 )) \
@@ -97,11 +98,12 @@ step bench_scoring 70 "$PY" benchmarks/bench_scoring.py --device cuda --tag gpu 
 
 SAN="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
 # the 200k-item memory test and the whole-model test add minutes under the
-# tool and no kernel the other cases miss
+# tool and no kernel the other cases miss; CUDA-graph capture needs the
+# caching allocator that the tool's run turns off
 if [ -n "$SAN" ]; then
-    step sanitize_triton 50 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 CANET_BACKEND=triton \
+    step sanitize_triton 100 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 CANET_BACKEND=triton \
         "$SAN" --tool memcheck --error-exitcode 9 --print-limit 20 "$PY" -m pytest \
-        tests/test_triton_gpu.py -q -x -k "not keeps_no_logits and not model_routed"
+        tests/test_triton_gpu.py -q -k "not keeps_no_logits and not model_routed and not cuda_graph"
     step sanitize_cuda 20 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
         "$SAN" --tool memcheck --error-exitcode 9 --print-limit 20 "$PY" -m pytest \
         tests/test_triton_gpu.py -q -x -k "add_layernorm"

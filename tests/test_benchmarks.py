@@ -301,6 +301,11 @@ def test_bench_triton_kernel_families():
     assert BT.family_of("void at::native::vectorized_layer_norm_kernel<c10::BFloat16>") \
         == "LayerNorm (library)"
     assert BT.family_of("cudaMemcpyAsync").startswith("other")
+    # cuDNN's flash kernels name their architecture like the GEMMs do
+    assert BT.family_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") \
+        == "attention (library)"
+    assert BT.family_of("nvjet_sm90_tst_128x160_64x5_1x2_h_bz_coopA_bias_TNT") \
+        == "GEMM (library)"
     per = {"_mm_kernel": (0.5, 16), "_ffn_fwd_kernel": (1.0, 8), "_plan_kernel": (0.1, 32)}
     fam = BT.families(per, {"FFN": (2e12, 1e9)}, dict(matmul_tflop_s=800.0, copy_tb_s=4.0))
     assert list(fam) == ["FFN", "attention projections", "tile plans"]
