@@ -78,6 +78,7 @@ TARGETS = {
     "max_route": ("fastest", "plain", 1.0, False),
     "latency": ("routed-graphs", "plain", 1.0, True),
     "training": ("fastest", "flop", 1.25, False),
+    "training_stream": ("fastest", "flop", 1.25, False),
 }
 
 
@@ -301,6 +302,67 @@ def training_scenario(cfg, batch, weights, device, mode, skip):
                 routed_flop_ratio=routed_flop_ratio(batch, cfg["layers"]))
 
 
+STREAM = 3   # batches the training_stream scenario rotates through
+
+
+def stream_scenario(cfg, batches, weights, device, mode, skip):
+    """Training steps over a stream of batches whose routes differ (as in
+    training, where every batch brings a new route layout), each step on
+    the next of `batches`: the variants that need no recompile or recapture
+    per layout. routed-compile is compiled with dynamic shapes (one graph
+    for every layout); the compiled bucket model is left out: its graph
+    depends on the layout, so it recompiles for each new batch. Dense does
+    not depend on the routes: its steps run on the first batch."""
+    import itertools
+
+    from benchmarks import providers as P
+    rc = P.compiled(P.routed_loss, "default", dynamic=True)
+    dc = P.DenseCompiled(mode or "default")
+
+    def leaf(t):
+        return t.detach().clone().requires_grad_()
+
+    def rotating(make_loss, scope=None, graphs=False, first_only=False):
+        def build():
+            W = P.trainable(weights)
+            use = batches[:1] if first_only else batches
+            xs = [leaf(bt["x"] if make_loss is not dense else bt["batch"].x) for bt in use]
+            losses = itertools.cycle([make_loss(W, x, bt) for x, bt in zip(xs, use)])
+            return P.TrainStep(lambda: next(losses)(), W, extra=xs, graphs=graphs,
+                               scope=scope)
+        return build
+
+    def routed(W, x, bt):
+        return lambda: P.routed_loss(x, W, bt["plan"])
+
+    def routed_compile(W, x, bt):
+        return lambda: rc(x, W, bt["plan"])
+
+    def bucket(W, x, bt):
+        layout = P.Bucket.layout(bt["batch"])
+        return lambda: P._bucket_loss(x, W, layout)
+
+    def dense(W, x, bt):
+        return dc.loss_fn(W, x)
+
+    builders = {"routed": rotating(routed, P.shared_plans),
+                "dense-compile": rotating(dense, first_only=True),
+                "dense-compile-graphs": rotating(dense, graphs=True, first_only=True),
+                "routed-compile": rotating(routed_compile, P.shared_plans),
+                "bucket": rotating(bucket)}
+    unavailable = {k: v for k, v in variant_set(device, mode, skip).items() if k in builders}
+    unavailable.setdefault("bucket-compile", "recompiles for every new route layout "
+                           "(its graph depends on the bucket sizes per layer)")
+    from benchmarks import timing
+    fns, compile_s, _, errors = build_variants(builders, unavailable, device)
+    res = timing.interleaved(fns, rounds=cfg["reps"], warmup=max(cfg["warmup"], STREAM),
+                             device=device, clock="events")
+    ratios = [routed_flop_ratio(bt, cfg["layers"]) for bt in batches]
+    return dict(B=batches[0]["batch"].B, L=batches[0]["batch"].L, batches=len(batches),
+                providers=res, compile_s=compile_s, unavailable=unavailable, errors=errors,
+                routed_flop_ratio=sum(ratios) / len(ratios))
+
+
 def analyse(name, res):
     """Adds the fastest dense variant, every variant over it, and the
     scenario's target to a scenario result."""
@@ -463,13 +525,15 @@ CONFIGS = {
                  scenarios=dict(mixed=(1024, 200, [64, 96, 128], [2, 4, 6, 8]),
                                 max_route=(1024, 200, [128], [8]),
                                 latency=(64, 50, [64, 96, 128], [2, 4, 6, 8]),
-                                training=(1024, 200, [64, 96, 128], [2, 4, 6, 8]))),
+                                training=(1024, 200, [64, 96, 128], [2, 4, 6, 8]),
+                                training_stream=(1024, 200, [64, 96, 128], [2, 4, 6, 8]))),
     "smoke": dict(D=32, layers=2, dtype=torch.float32, reps=1, warmup=0,
                   bucket_mode="default",
                   scenarios=dict(mixed=(3, 5, [16, 24, 32], [1, 2]),
                                  max_route=(3, 5, [32], [2]),
                                  latency=(2, 3, [16, 32], [1, 2]),
-                                 training=(3, 5, [16, 32], [1, 2]))),
+                                 training=(3, 5, [16, 32], [1, 2]),
+                                 training_stream=(3, 5, [16, 32], [1, 2]))),
 }
 
 
@@ -541,8 +605,8 @@ def main(argv=None):
     weights = P.make_weights(D, layers, RATIO, HEADS, dtype=dtype, device=device)
     # training second: its compiles take longest, and a --deadline should
     # cut the cheaper scenarios' compiled variants rather than its own
-    todo = args.only or [n for n in ("mixed", "training", "max_route", "latency")
-                         if n in cfg["scenarios"]]
+    todo = args.only or [n for n in ("mixed", "training", "max_route", "latency",
+                                     "training_stream") if n in cfg["scenarios"]]
     batches = {}
 
     def batch_of(name):
@@ -578,6 +642,12 @@ def main(argv=None):
         t0 = time.perf_counter()
         if name == "training":
             res = training_scenario(cfg, batch, weights, device, mode, args.skip)
+        elif name == "training_stream":
+            seed = list(cfg["scenarios"]).index(name)
+            B, L, widths, depths = cfg["scenarios"][name]
+            stream = [make_batch(B, L, widths, depths, D, dtype, device, seed=100 * seed + i)
+                      for i in range(STREAM)]
+            res = stream_scenario(cfg, stream, weights, device, mode, args.skip)
         else:
             res = forward_scenario(cfg, batch, weights, kt, device, mode, args.skip)
         res["wall_s"] = time.perf_counter() - t0

@@ -550,12 +550,12 @@ def _raise_recompile_limit(n: int = 64) -> None:
             setattr(cfg, key, n)
 
 
-def compiled(fn, mode: str = "default"):
-    """torch.compile(fn) in `mode`, one wrapper per (fn, mode)."""
-    key = (fn, mode)
+def compiled(fn, mode: str = "default", dynamic: bool = False):
+    """torch.compile(fn) in `mode`, one wrapper per (fn, mode, dynamic)."""
+    key = (fn, mode, dynamic)
     if key not in _COMPILED:
         _raise_recompile_limit()
-        _COMPILED[key] = torch.compile(fn, mode=mode, dynamic=False, fullgraph=True)
+        _COMPILED[key] = torch.compile(fn, mode=mode, dynamic=dynamic, fullgraph=True)
     return _COMPILED[key]
 
 

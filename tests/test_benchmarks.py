@@ -289,6 +289,14 @@ def test_bench_triton_smoke_reports_fastest_dense(tmp_path):
     res = json.loads(out.read_text())["results"]["latency"]
     assert {"routed", "dense", "bucket"} == set(res["providers"])
     assert "deadline" in res["unavailable"]["dense-compile"]
+    # the stream of batches with new routes: what runs without recompiling
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_triton.py"),
+                        "--smoke", "--only", "training_stream", "--json", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]["training_stream"]
+    assert {"routed", "routed-compile", "bucket", "dense-compile"} <= set(res["providers"])
+    assert "recompiles" in res["unavailable"]["bucket-compile"] and res["batches"] == 3
 
 
 def test_bench_triton_kernel_families():

@@ -53,3 +53,36 @@ def test_compiled_two_layer_routed_stack_matches_reference():
     gw = torch.autograd.grad(want.square().sum(), params)
     for a, b in zip(gg, gw):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_routed_stack_keeps_one_graph_across_route_layouts():
+    # a training stream: every batch has other routes, lengths and prefix
+    # sizes per layer; with dynamic shapes the routed stack compiles once
+    # (Python branches on the plan, such as whether a layer drops samples,
+    # still specialise: every batch here has samples of both depths), where
+    # a per-width-bucket model recompiles for every new layout
+    from torch._dynamo.utils import counters
+
+    from canet_kernels import functional as CF
+    from canet_kernels.routing import run_layers
+
+    g = torch.Generator().manual_seed(1)
+    layers = [make_layer(g), make_layer(g)]
+
+    def loss(x, plan):
+        def layer(p, h, cu, w):
+            return CF.routed_layer(h, cu, w, p, H, 4, 1e-5)
+        return run_layers(plan, x, layers, layer).square().mean()
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(loss, dynamic=True, fullgraph=True)
+    for seed in range(3):
+        r = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(1, 8, (8,), generator=r)
+        widths = torch.tensor([8, 16, 24, 32])[torch.randint(0, 4, (8,), generator=r)]
+        depths = torch.tensor([1, 2] * 4)[torch.randperm(8, generator=r)]
+        plan = plan_routes(lengths, widths, depths, num_layers=2)
+        x = torch.randn(int(plan.cu_seqlens[-1]), D, generator=r)
+        torch.testing.assert_close(compiled(x, plan), loss(x, plan), atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
