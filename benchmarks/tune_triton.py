@@ -1,6 +1,7 @@
 """Tile shapes of the Triton kernels, measured: each op of one routed layer
 of the target batch (1024 samples x 200 tokens, uniform routes over widths
-{64, 96, 128}, bf16, D 128, 4 heads; route-sorted as the model runs it) under
+{64, 96, 128}, bf16, D 128, 4 heads; route-sorted as the model runs it),
+forward and the weight-gradient kernels of the backward, under
 alternative entries of `canet_kernels.triton._common.BLOCKS`, next to the
 dense op in plain PyTorch on the same tokens at full width.
 
@@ -46,6 +47,15 @@ VARIANTS = {
            dict(BM=64, BN=128, BK=32, warps=8, stages=3),
            dict(BM=128, BN=128, BK=32, warps=8, stages=3),
            dict(BM=32, BN=128, BK=64, warps=4, stages=3)],
+    # weight gradients (sliced_linear_backward of an FFN-sized weight: the
+    # grad-x GEMM is the same in every variant); RB: the reduction's block
+    "dw": [dict(BM=64, BN=64, BK=64, warps=4, stages=3),
+           dict(BM=64, BN=64, BK=64, warps=4, stages=3, RB=256),
+           dict(BM=64, BN=128, BK=64, warps=8, stages=3),
+           dict(BM=64, BN=128, BK=128, warps=8, stages=3),
+           dict(BM=64, BN=128, BK=128, warps=8, stages=3, RB=256),
+           dict(BM=32, BN=128, BK=128, warps=8, stages=3),
+           dict(BM=128, BN=64, BK=64, warps=8, stages=3)],
     "attn": [dict(BM=64, BN=32, warps=4, stages=3),
              dict(BM=32, BN=32, warps=4, stages=3),
              dict(BM=64, BN=32, warps=4, stages=4),
@@ -100,12 +110,15 @@ def main(argv=None):
         "mm": lambda: kt.sliced_linear(x, cu, w, w, p["w_o"], p["b_o"]),
         "attn": lambda: kt.sliced_attention_fwd(x, cu, w, p["w_qkv"], p["b_qkv"], p["w_o"],
                                                 p["b_o"], HEADS, True, False),
+        "dw": lambda: kt.sliced_linear_backward(dh, x, cu, w, RATIO * w, p["w1"], True),
     }
     xd = x.view(-1, L, D)
+    dh = torch.randn(T, RATIO * D, dtype=dt, device=dev)
     dense = {  # providers' plain-PyTorch sublayers at full width
         "ffn": lambda: P.ffn(x, p, D, RATIO),
         "mm": lambda: F.linear(x, p["w_o"], p["b_o"]),
         "attn": lambda: P.padded_attention(xd, p, D, HEADS),
+        "dw": lambda: (dh @ p["w1"], dh.t() @ x, dh.sum(0)),   # grad x, W, b
     }
     results, best = {}, {}
     print(f"tokens {T}, linear FLOP ratio {ratio_lin:.3f}; medians of CUDA-graph replays")

@@ -451,7 +451,7 @@ def test_tune_smoke(tmp_path):
                           cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     import json
-    assert set(json.loads(best.read_text())) == {"ffn/full", "mm/full", "attn/full"}
+    assert set(json.loads(best.read_text())) == {"ffn/full", "mm/full", "attn/full", "dw/full"}
 
 
 def test_gpu_tile_shapes(monkeypatch):

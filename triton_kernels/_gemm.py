@@ -223,14 +223,15 @@ def weight_grad(tiles, a, b, gw, gb, *, mn=1, mk=1, gelu_b=False, nz=1,
                                 BM=bm, BN=bn, BK=bk, ACC=acc_type(a.dtype),
                                 PREC=dot_precision(a.dtype), IDX=index_type(a, b),
                                 num_warps=warps, num_stages=stages)
-    reduce_partials(part, L, N_W * K_W, gw, gb if gb is not None else gw)
+    # the reduction's block: fewer, longer programs leave its loads exposed
+    rb = 256 if _common.small_blocks(a) else _common.blocks("dw", a.dtype).get("RB", 1024)
+    reduce_partials(part, L, N_W * K_W, gw, gb if gb is not None else gw, block=rb)
     return gw, gb
 
 
-def reduce_partials(part, L, NK, gw, gb):
+def reduce_partials(part, L, NK, gw, gb, block: int = 1024):
     """gw/gb from partials [S, Z, L]: per z, entries j < NK of the sum over
-    splits go to gw[z], the rest to gb[z]."""
+    splits go to gw[z], the rest to gb[z]; `block` entries per program."""
     total = part[0].numel()
-    block = 1024
     _reduce_kernel[(triton.cdiv(total, block),)](part, part.shape[0], L, NK, gw, gb, total,
                                                  BLOCK=block, num_warps=4)
