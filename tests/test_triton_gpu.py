@@ -148,19 +148,19 @@ def test_launch_count_does_not_grow_with_routes():
     assert counts[0] == counts[1] == 2, counts
 
 
-def test_cuda_graph_of_a_routed_sequence():
+def ffn_ln_case(dt):
+    """A batch of mixed routes and the weights of an FFN and a LayerNorm."""
     cu, w = routes()
-    T = int(cu[-1])
-    dt = torch.bfloat16
-    x = rand(T, D, seed=1).to(dt)
+    x = rand(int(cu[-1]), D, seed=1).to(dt)
     w1, b1 = rand(R * D, D, scale=D ** -0.5).to(dt), rand(R * D, scale=0.1).to(dt)
     w2, b2 = rand(D, R * D, scale=(R * D) ** -0.5).to(dt), rand(D, scale=0.1).to(dt)
     ln_w, ln_b = rand(D, scale=0.1, shift=1.0).to(dt), rand(D, scale=0.1).to(dt)
+    return cu, w, x, (w1, b1, w2, b2), (ln_w, ln_b)
 
-    def step():
-        f = op.sliced_ffn(x, cu, w, w1, b1, w2, b2, R)
-        return op.sliced_add_layernorm(f, x, cu, w, ln_w, ln_b, 1e-5)
 
+def capture(step):
+    """(graph, output) of one call of `step` captured after a warm-up call
+    on a side stream."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -169,7 +169,18 @@ def test_cuda_graph_of_a_routed_sequence():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = step()
-    x.copy_(rand(T, D, seed=5).to(dt))  # new data in the captured buffers
+    return graph, out
+
+
+def test_cuda_graph_of_a_routed_sequence():
+    cu, w, x, ffn, ln = ffn_ln_case(torch.bfloat16)
+
+    def step():
+        f = op.sliced_ffn(x, cu, w, *ffn, R)
+        return op.sliced_add_layernorm(f, x, cu, w, *ln, 1e-5)
+
+    graph, out = capture(step)
+    x.copy_(rand(*x.shape, seed=5).to(x.dtype))  # new data in the captured buffers
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, step())
@@ -178,36 +189,23 @@ def test_cuda_graph_of_a_routed_sequence():
 def test_cuda_graph_with_shared_plans_follows_new_routes():
     # plans shared inside the captured call are rebuilt by every replay: new
     # widths written into the captured route tensors change the result
-    cu, w = routes()
-    T = int(cu[-1])
-    x = rand(T, D, seed=1).float()
-    w1, b1 = rand(R * D, D, scale=D ** -0.5).float(), rand(R * D, scale=0.1).float()
-    w2, b2 = rand(D, R * D, scale=(R * D) ** -0.5).float(), rand(D, scale=0.1).float()
-    ln_w, ln_b = rand(D, scale=0.1, shift=1.0).float(), rand(D, scale=0.1).float()
+    cu, w, x, ffn, ln = ffn_ln_case(torch.float32)
 
     def step():
         with kt.shared_plans():
-            f = kt.sliced_ffn_fwd(x, cu, w, w1, b1, w2, b2, R, False)[0]
-            y = kt.sliced_add_layernorm_fwd(f, x, cu, w, ln_w, ln_b, 1e-5)[0]
-            return kt.sliced_add_layernorm_fwd(y, f, cu, w, ln_w, ln_b, 1e-5)[0]
+            f = kt.sliced_ffn_fwd(x, cu, w, *ffn, R, False)[0]
+            y = kt.sliced_add_layernorm_fwd(f, x, cu, w, *ln, 1e-5)[0]
+            return kt.sliced_add_layernorm_fwd(y, f, cu, w, *ln, 1e-5)[0]
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture(step)
     w.copy_(torch.tensor(list(reversed(WIDTHS)), dtype=w.dtype, device=DEV))
     graph.replay()
     torch.cuda.synchronize()
-    want = step()
-    torch.testing.assert_close(out, want)
-    f = reference.sliced_ffn(x, cu, w, w1, b1, w2, b2, R)
-    y = reference.sliced_add_layernorm(f, x, cu, w, ln_w, ln_b, 1e-5)
-    ref = reference.sliced_add_layernorm(y, f, cu, w, ln_w, ln_b, 1e-5)
-    torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(out, step())
+    f = reference.sliced_ffn(x, cu, w, *ffn, R)
+    y = reference.sliced_add_layernorm(f, x, cu, w, *ln, 1e-5)
+    torch.testing.assert_close(out, reference.sliced_add_layernorm(y, f, cu, w, *ln, 1e-5),
+                               atol=1e-3, rtol=1e-3)
 
 
 def test_model_routed_matches_masked():
