@@ -10,6 +10,9 @@ Losses (weights in CANetConfig):
   uniform  KL(batch-mean router distribution || uniform over routes)
   budget   relu(E[FLOP ratio] - target), the expectation under the router's
            softmax of each route's analytic FLOP ratio (route / max route)
+CANetConfig's router switches (guide_signal, guide_labels, balance, tau_end,
+budget_shape, router_stats) change one of these at a time; the defaults are
+the above, and benchmarks/router_ablation.py measures each.
 
 Inference routes are argmax(logits - cost_bias * FLOP ratio). The budget loss
 constrains the *soft* distribution seen in training, but the deployed argmax
@@ -105,13 +108,16 @@ class CANet(CANetEncoder):
 
     # --------------------------------------------------------------- loss --
     def loss(self, items, lengths, targets, routes=None, path="routed",
-             left_padded=False):
+             left_padded=False, table=None):
         """Next-item cross-entropy plus, when the router picks the routes,
         its guide, uniform and budget losses. items [B, L]; targets [B, L]
         (targets[b, t] is the item after items[b, t]; 0 = no label) or [B]
         (the item after the last position only, as in RecBole's CE). Only
         labelled positions are scored. With `routes` given the router is
-        bypassed and only the CE is returned. Returns (loss, dict of floats)."""
+        bypassed and only the CE is returned. `table`: scores against an
+        item table held elsewhere (distributed.ShardedTable: `cross_entropy`
+        per row, `count_ahead` for the guide's hits) instead of the model's
+        own output layer; routed path only. Returns (loss, dict of floats)."""
         _check_path(path)
         x, lengths, left = self.net.layout(items, lengths, None, left_padded)
         B, L = x.shape
@@ -121,6 +127,15 @@ class CANet(CANetEncoder):
         if left:  # everything below runs right-padded
             x = _shift(x, lengths, True)
             targets = _shift(targets, lengths, True) if targets.dim() == 2 else targets
+        held = None
+        if routes is None and self.cfg.guide_signal == "holdout" and targets.dim() == 2:
+            # the guide's target is kept out of the CE, so the smallest route's
+            # hit on it is a held-out one (a one-item sequence keeps its label)
+            b = torch.arange(B, device=x.device)
+            held = targets[b, lengths - 1]
+            keep = lengths >= 2
+            targets = targets.clone()
+            targets[b[keep], lengths[keep] - 1] = 0
         routing = self.route(x, lengths) if routes is None else None
         if routing is not None:
             routes = routing.routes
@@ -135,9 +150,14 @@ class CANet(CANetEncoder):
             else:
                 rows = plan.cu_seqlens[1:] - 1
                 t, widths = targets[plan.order], plan.widths
-            logits = self.net.score_rows(h[rows], widths)
-            ce = F.cross_entropy(logits, t[rows] if targets.dim() == 2 else t)
+            t = t[rows] if targets.dim() == 2 else t
+            if table is None:
+                ce = F.cross_entropy(self.net.score_rows(h[rows], widths), t)
+            else:
+                ce = table.cross_entropy(h[rows], widths, t).mean()
         else:
+            if table is not None:
+                raise ValueError("loss: a sharded table scores the routed path only")
             h = self.net.encode_masked(x, lengths, r, gate)
             if targets.dim() == 2:
                 pos = torch.arange(L, device=x.device)
@@ -153,10 +173,14 @@ class CANet(CANetEncoder):
             stats["loss"] = total.item()
             return total, stats
 
-        last_t = targets if targets.dim() == 1 else \
+        last_t = held if held is not None else targets if targets.dim() == 1 else \
             targets[torch.arange(B, device=x.device), lengths - 1]
-        hit = self.smallest_route_hits(x, lengths, last_t, self._score_smallest)
-        ls = self.logit_losses(routing.logits, hit)
+        hit = self._route_hits(x, lengths, last_t, 0, table)
+        if self.cfg.guide_labels == "sandwich":
+            # DS-Net's gate labels: a user even the max route misses is
+            # hopeless, so it is sent small too; only the rest are "hard"
+            hit = hit | ~self._route_hits(x, lengths, last_t, self.cfg.max_route, table)
+        ls = self.logit_losses(routing.logits, hit, routes)
         total = ce + self.weighted_router_loss(ls, ce)
         stats.update(guide=ls["guide"].item(), uniform=ls["uniform"].item(),
                      budget=ls["budget"].item(), exp_ratio=ls["exp_ratio"].item(),
@@ -183,10 +207,22 @@ class CANet(CANetEncoder):
         pred = pred - pred.mean(1, keepdim=True)
         return F.mse_loss(pred.float(), want.float())
 
-    def _score_smallest(self, last):
-        w = torch.full((last.shape[0],), self.cfg.hidden_widths[0], dtype=torch.int64,
-                       device=last.device)
-        return self.net.score_rows(last, w)
+    @torch.no_grad()
+    def _route_hits(self, x, lengths, target, route, table=None):
+        """[B] bool: route id `route` ranks `target` in its top guide_topk,
+        scored by the output layer at the route's hidden width (or by
+        `table`, a sharded one)."""
+        if table is None:
+            width = self.cfg.routes()[route][1]
+
+            def score(last):
+                w = torch.full((last.shape[0],), width, dtype=torch.int64, device=last.device)
+                return self.net.score_rows(last, w)
+            return self.smallest_route_hits(x, lengths, target, score, route=route)
+        r, _ = self.net.resolve_routes(torch.full((x.shape[0],), route, dtype=torch.int64,
+                                                  device=x.device), x.shape[0], x.device)
+        _, last = self.net.encode(x, lengths, False, r, dropout=False, hidden=False)
+        return table.count_ahead(last, r.hidden, target, strict=True) < self.cfg.guide_topk
 
 
 def _check_path(path):

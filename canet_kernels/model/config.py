@@ -36,6 +36,40 @@ class CANetConfig:
     # compute budget: target mean FLOP ratio (routed / max route); None = off
     flop_target: float | None = 0.45
     budget_weight: float = 1.0
+    # Router-training switches, measured one at a time on the synthetic data
+    # by benchmarks/router_ablation.py (defaults = the paper's method).
+    # guide_signal: "train" = the guide reads the last training target, which
+    #   the CE also trains on (so the smallest route comes to "hit" it by
+    #   memory); "holdout" = that target is left out of the CE and the guide
+    #   reads it, a hit the model has not been trained to make.
+    guide_signal: str = "train"
+    # guide_labels: "small" = small route hits -> small, misses -> large;
+    #   "sandwich" = as DS-Net's gate: also a user the max route misses
+    #   (hopeless) -> small, so only the users the max route gets and the
+    #   smallest does not are pushed large.
+    guide_labels: str = "small"
+    # balance (weighted by uniform_weight): "kl" = KL(batch-mean router
+    #   distribution || uniform), met by every user having the same flat
+    #   distribution; "switch" = R * sum_r f_r * P_r (Switch Transformer: f the
+    #   share of hard routes, P the mean probability), which spreads the
+    #   routes actually taken; "mi" = kl + mean per-user entropy, i.e. a
+    #   spread-out batch of confident per-user choices.
+    balance: str = "kl"
+    # Gumbel temperature annealed geometrically from tau to tau_end over the
+    #   training epochs (None = constant). With hard samples the sampled route
+    #   does not depend on tau; only the straight-through gradient does.
+    tau_end: float | None = None
+    # Gumbel noise scale annealed linearly from 1 to noise_end over the epochs
+    #   (None = 1 throughout): the sampled training routes move from explored
+    #   towards the deterministic argmax used at inference.
+    noise_end: float | None = None
+    # budget_shape: "relu" = relu(E[ratio] - target) on the batch mean;
+    #   "two_sided" = |E[ratio] - target|, so the budget is also spent.
+    budget_shape: str = "relu"
+    # router_stats: the router also reads the history length and the share of
+    #   distinct items (how repetitive the user is), two features of user
+    #   complexity, through a linear layer added to its last-position state.
+    router_stats: bool = False
 
     def __post_init__(self):
         if self.residual_scale_init is not None and self.residual_scale_init <= 0:
@@ -59,6 +93,16 @@ class CANetConfig:
             raise ValueError("depths must be >= 1")
         if self.flop_target is not None and self.flop_target > 1:
             raise ValueError(f"flop_target must be in (0, 1], got {self.flop_target}")
+        for name, ok in (("guide_signal", ("train", "holdout")),
+                         ("guide_labels", ("small", "sandwich")),
+                         ("balance", ("kl", "switch", "mi")),
+                         ("budget_shape", ("relu", "two_sided"))):
+            if getattr(self, name) not in ok:
+                raise ValueError(f"{name} must be one of {ok}, got {getattr(self, name)!r}")
+        if self.noise_end is not None and not 0 <= self.noise_end <= 1:
+            raise ValueError(f"noise_end must be in [0, 1], got {self.noise_end}")
+        if self.tau_end is not None and self.tau_end <= 0:
+            raise ValueError(f"tau_end must be > 0, got {self.tau_end}")
 
     # -- routes --------------------------------------------------------------
     @property

@@ -388,6 +388,19 @@ class CANetEncoder(nn.Module):
                              persistent=False)
         # inference-time price of compute per unit of FLOP ratio
         self.register_buffer("cost_bias", torch.zeros((), dtype=torch.float64))
+        self.tau = cfg.tau                # Gumbel temperature now (see anneal)
+        self.noise = 1.0                  # Gumbel noise scale now (see anneal)
+
+    def anneal(self, progress: float):
+        """Sets the Gumbel temperature for training progress in [0, 1]:
+        geometric from cfg.tau to cfg.tau_end (constant without tau_end),
+        and the Gumbel noise scale, linear from 1 to cfg.noise_end."""
+        cfg = self.cfg
+        p = min(max(progress, 0.0), 1.0)
+        if cfg.tau_end is not None:
+            self.tau = cfg.tau * (cfg.tau_end / cfg.tau) ** p
+        if cfg.noise_end is not None:
+            self.noise = 1.0 + (cfg.noise_end - 1.0) * p
 
     # ------------------------------------------------------------ routing --
     def route(self, items, lengths) -> Routing:
@@ -395,7 +408,13 @@ class CANetEncoder(nn.Module):
         Gumbel-softmax in training, argmax at inference."""
         logits = self.router(items, lengths)
         if self.training:
-            g = F.gumbel_softmax(logits, tau=self.cfg.tau, hard=True)   # [B, R]
+            if self.noise == 1.0:
+                g = F.gumbel_softmax(logits, tau=self.tau, hard=True)   # [B, R]
+            else:  # the same straight-through sample with scaled noise
+                noise = -torch.empty_like(logits).exponential_().log()
+                soft = ((logits + self.noise * noise) / self.tau).softmax(-1)
+                hard = F.one_hot(soft.argmax(-1), logits.shape[-1]).to(soft.dtype)
+                g = hard - soft.detach() + soft
             routes = g.argmax(-1)
             return Routing(routes, g.gather(1, routes[:, None]).squeeze(1), logits)
         return Routing(self.pick(logits), None, logits)
@@ -434,17 +453,32 @@ class CANetEncoder(nn.Module):
         ratio above cfg.flop_target) and, given `hit` [B] bool (the smallest
         route ranks the target in its top guide_topk, see
         `smallest_route_hits`), `guide`. Empty without router logits."""
-        return {} if out.logits is None else self.logit_losses(out.logits, hit)
+        if out.logits is None:
+            return {}
+        return self.logit_losses(out.logits, hit, out.route_ids if out.gate is not None
+                                 else None)
 
-    def logit_losses(self, logits, hit=None) -> dict:
-        """`router_losses` of router logits [B, R]."""
+    def logit_losses(self, logits, hit=None, routes=None) -> dict:
+        """`router_losses` of router logits [B, R]; `routes` [B], the hard
+        routes taken (cfg.balance "switch" counts them; default: the argmax)."""
+        cfg = self.cfg
         probs = torch.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16)
                               else logits, dim=-1)
         exp_ratio = (probs * self.route_ratio.to(probs.dtype)).sum(-1).mean()
-        t = self.cfg.flop_target
-        losses = {"uniform": uniform_loss(probs),
-                  "budget": torch.relu(exp_ratio - t) if t is not None else exp_ratio * 0,
-                  "exp_ratio": exp_ratio.detach()}
+        t = cfg.flop_target
+        if t is None:
+            budget = exp_ratio * 0
+        elif cfg.budget_shape == "two_sided":
+            budget = (exp_ratio - t).abs()
+        else:
+            budget = torch.relu(exp_ratio - t)
+        if cfg.balance == "switch":
+            balance = switch_loss(probs, probs.argmax(-1) if routes is None else routes)
+        elif cfg.balance == "mi":
+            balance = uniform_loss(probs) + mean_entropy(probs)
+        else:
+            balance = uniform_loss(probs)
+        losses = {"uniform": balance, "budget": budget, "exp_ratio": exp_ratio.detach()}
         if hit is not None:
             losses["guide"] = guide_loss(self.cfg, probs, hit)
         return losses
@@ -466,12 +500,14 @@ class CANetEncoder(nn.Module):
         return total.to(like.dtype)
 
     @torch.no_grad()
-    def smallest_route_hits(self, items, lengths, target, score_fn=None, left_padded=None):
-        """[B] bool: the smallest route ranks `target` [B] in its top
-        guide_topk. `score_fn(last [B, D]) -> [B, n_items + 1]` scores a
-        hidden state; default: the item embedding table (tied scoring)."""
+    def smallest_route_hits(self, items, lengths, target, score_fn=None, left_padded=None,
+                            route: int = 0):
+        """[B] bool: the smallest route (or route id `route`) ranks `target`
+        [B] in its top guide_topk. `score_fn(last [B, D]) -> [B, n_items + 1]`
+        scores a hidden state; default: the item embedding table (tied
+        scoring)."""
         x, lengths, left = self.net.layout(items, lengths, None, left_padded)
-        small = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+        small = torch.full((x.shape[0],), route, dtype=torch.int64, device=x.device)
         r, _ = self.net.resolve_routes(small, x.shape[0], x.device)
         _, last = self.net.encode(x, lengths, left, r, dropout=False, hidden=False)
         if score_fn is None:
@@ -575,3 +611,19 @@ def uniform_loss(probs):
     R = probs.shape[-1]
     mean = probs.mean(0)
     return (mean * torch.log((mean * R).clamp_min(1e-12))).sum()
+
+
+def switch_loss(probs, routes):
+    """Switch Transformer load balancing: R * sum_r f_r * P_r, f_r the
+    share of the batch routed to r (hard, no gradient), P_r the mean router
+    probability of r. 1 when balanced; it lowers the probability of the
+    routes that take too many samples, so it acts on the choices made, not
+    only on the average distribution."""
+    R = probs.shape[-1]
+    f = torch.bincount(routes, minlength=R).to(probs.dtype) / max(routes.shape[0], 1)
+    return R * (f * probs.mean(0)).sum()
+
+
+def mean_entropy(probs):
+    """Mean entropy of each user's router distribution (low = confident)."""
+    return -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()

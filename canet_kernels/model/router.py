@@ -2,6 +2,8 @@
 last position gives one logit per route."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -23,6 +25,8 @@ class Router(nn.Module):
         self.ff2 = nn.Linear(cfg.router_ffn, W)
         self.ln2 = nn.LayerNorm(W, eps=cfg.ln_eps)
         self.head = nn.Linear(W, cfg.num_routes)
+        # optional features of user complexity (cfg.router_stats)
+        self.stats = nn.Linear(2, W) if cfg.router_stats else None
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)
@@ -44,6 +48,8 @@ class Router(nn.Module):
         # other positions through their keys and values alone: one query per
         # user, and the FFN on one row per user.
         last = h[torch.arange(B, device=items.device), lengths - 1]     # [B, W]
+        if self.stats is not None:
+            last = last + self.stats(user_stats(items, lengths, cfg.max_len))
         wq, wkv = self.qkv.weight.split([W, 2 * W])
         bq, bkv = self.qkv.bias.split([W, 2 * W])
         q = F.linear(last, wq, bq).view(B, H, 1, W // H)
@@ -54,3 +60,14 @@ class Router(nn.Module):
         f = self.ff2(F.gelu(self.ff1(x)))
         x = self.ln2(x + F.dropout(f, p, self.training))
         return self.head(x)                                             # [B, R]
+
+
+def user_stats(items, lengths, max_len):
+    """[B, 2] features of a right-padded batch: log history length scaled to
+    [0, 1] and the share of distinct items (low = a user who repeats)."""
+    n = lengths.to(torch.float32)
+    s = items.sort(1).values                                       # padding 0 first
+    new = (s[:, 1:] != s[:, :-1]) & (s[:, 1:] > 0)
+    distinct = new.sum(1) + (s[:, 0] > 0).long()
+    return torch.stack([torch.log1p(n) / math.log1p(max_len),
+                        distinct.to(torch.float32) / n.clamp_min(1)], 1)

@@ -1,0 +1,297 @@
+"""Does the router personalise, and does it beat a static route of the same
+cost? A controlled check on the `canet demo` synthetic data, whose users are
+of two known kinds (simple: short, one global chain; complex: long,
+user-specific patterns), so a router that personalises should send the
+complex users to larger routes.
+
+For every seed and router variant (one change against the default each):
+  canet   router + supernet with the demo's settings, epochs selected on
+          validation NDCG@10, test evaluated once
+  static  the best single route whose FLOP ratio is at most that CANet's
+          measured mean on the validation users, trained alone with the same
+          epochs, patience and selection: the --static-candidates largest
+          such routes are trained (cached per seed and route) and the best on
+          validation is tested
+Reported per run: test NDCG@10 / Recall@10, validation NDCG@10, FLOP ratio,
+routes used, largest share, simple vs complex users' mean FLOP ratio, the
+router's logit spread across users against the spread between routes, and
+training time; CANet / static NDCG@10 with a paired bootstrap 95% interval
+over test users. JSON (written after every run; --resume skips finished
+CANet runs) in benchmarks/results/accuracy/.
+
+    python benchmarks/router_ablation.py --threads 1                  # all variants
+    python benchmarks/router_ablation.py --variants default switch --seeds 0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from benchmarks.accuracy_real import bootstrap_ratio, routes_under, single_route  # noqa: E402
+from canet_kernels import data as D  # noqa: E402
+from canet_kernels.model import CANetConfig  # noqa: E402
+from canet_kernels.train import TrainConfig, evaluate, router_logits, train  # noqa: E402
+
+# One change each against "default" (model = CANetConfig, train = TrainConfig).
+VARIANTS = {
+    "default": {},
+    "holdout_guide": {"model": {"guide_signal": "holdout"}},
+    "sandwich_labels": {"model": {"guide_labels": "sandwich"}},
+    "switch_balance": {"model": {"balance": "switch"}},
+    "mi_balance": {"model": {"balance": "mi"}},
+    "tau_anneal": {"model": {"tau_end": 0.1}},
+    "noise_anneal": {"model": {"noise_end": 0.0}},
+    "budget_two_sided": {"model": {"budget_shape": "two_sided"}},
+    "router_stats": {"model": {"router_stats": True}},
+    "warmup": {"train": {"warmup_epochs": 5}},
+    "value_router": {"train": {"router_mode": "value", "warmup_epochs": 5}},
+}
+
+# The `canet demo` settings (cli.py), so the data and model are the demo's.
+DEMO_MODEL = dict(emb_widths=(32, 48, 64), hidden_widths=(32, 48, 64), depths=(1, 2, 3, 4),
+                  dropout=0.1, guide_weight=0.1, max_len=50)
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--users", type=int, default=1500)
+    p.add_argument("--items", type=int, default=400)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--patience", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--static-candidates", type=int, default=3)
+    p.add_argument("--dense", action="store_true", help="also train the max route per seed")
+    p.add_argument("--probe-routes", nargs="*", type=int, default=[],
+                   help="also test each CANet model with every user on each of these "
+                        "routes (is the supernet's route as good as that route alone?)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "accuracy",
+                                                 "router_ablation.json"))
+    p.add_argument("--resume", action="store_true", help="keep the finished runs in --out")
+    p.add_argument("--table", action="store_true",
+                   help="print the markdown table of the runs in --out and exit")
+    return p.parse_args()
+
+
+def logit_spread(logits):
+    """How much the router is a function of the user. Logits [U, R] are
+    centred per user (softmax ignores a per-user shift); `across_users` is
+    the mean over routes of each route's std over users, `between_routes`
+    the std over routes of their mean logit. A prior over routes has the
+    first near 0."""
+    z = logits.double() - logits.double().mean(1, keepdim=True)
+    across = float(z.std(0).mean())
+    between = float(z.mean(0).std())
+    return {"across_users": across, "between_routes": between,
+            "ratio": across / between if between > 0 else float("inf")}
+
+
+def by_type(values, types):
+    """Mean of per-user `values` [U] over the simple (0) and complex (1) users."""
+    return {name: float(values[types == t].mean()) for t, name in ((0, "simple"), (1, "complex"))
+            if bool((types == t).any())}
+
+
+def run_one(mcfg, tcfg, split, types, ref, probe=()):
+    """Trains, then the test report with per-user values; returns a record."""
+    t0 = time.perf_counter()
+    model, res = train(mcfg, tcfg, split, None, None, log=lambda *_: None)
+    wall = time.perf_counter() - t0
+    route = tcfg.fixed_route
+    test = evaluate(model, split.test, tcfg.ks, tcfg.mask_seen, route=route, flop_ref=ref,
+                    per_user=True)
+    routes = torch.tensor(test["per_user"]["routes"])
+    ratios = torch.tensor([f / ref.route_flops()[-1] for f in mcfg.route_flops()],
+                          dtype=torch.float64)
+    rec = {"valid_ndcg@10": res["valid"]["ndcg@10"], "valid_flop_ratio": res["valid"]["flop_ratio"],
+           "test_ndcg@10": test["ndcg@10"], "test_recall@10": test["recall@10"],
+           "flop_ratio": test["flop_ratio"], "routes_used": test["routes_used"],
+           "routes_over_5pct": test["routes_over_5pct"], "largest_share": test["largest_share"],
+           "route_counts": test["route_counts"],
+           "flop_ratio_by_type": by_type(ratios[routes], types),
+           "ndcg@10_by_type": by_type(torch.tensor(test["per_user"]["ndcg@10"]), types),
+           "best_epoch": res["best_epoch"], "epochs_run": res["epochs_run"],
+           "train_seconds": res["train_seconds"], "wall_seconds": wall,
+           "per_user_ndcg@10": test["per_user"]["ndcg@10"]}
+    if route is None:
+        rec["cost_bias"] = float(model.cost_bias)
+        rec["logit_spread"] = logit_spread(router_logits(model, split.test))
+        rec["fixed_route_ndcg@10_by_type"] = {
+            r: by_type(torch.tensor(evaluate(model, split.test, tcfg.ks, tcfg.mask_seen,
+                                             route=r, per_user=True)["per_user"]["ndcg@10"]),
+                       types) for r in probe}
+    return rec
+
+
+def main():
+    a = parse()
+    if a.table:
+        with open(a.out) as f:
+            print(markdown(json.load(f)))
+        return
+    torch.set_num_threads(a.threads)
+    ds = D.synthetic(a.users, a.items, a.data_seed)
+    split = D.leave_one_out(ds, DEMO_MODEL["max_len"])
+    types = torch.as_tensor(ds.user_types)[split.test.users]
+    mcfg0 = CANetConfig(n_items=ds.n_items, **DEMO_MODEL)
+    report = {"settings": vars(a), "data": ds.source, "model": mcfg0.to_dict(),
+              "runs": {}, "static_runs": {}, "dense": {}}
+    if a.resume and os.path.exists(a.out):
+        with open(a.out) as f:
+            old = json.load(f)
+        for k in ("runs", "static_runs", "dense"):
+            report[k] = old.get(k, {})
+
+    def save():
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        slim = json.loads(json.dumps(report))       # per-user lists stay out of the file
+        for group in ("runs", "static_runs", "dense"):
+            for rec in slim[group].values():
+                rec.pop("per_user_ndcg@10", None)
+                rec.get("static", {}).pop("per_user_ndcg@10", None)
+        summary(slim)
+        with open(a.out, "w") as f:
+            json.dump(slim, f, indent=2)
+
+    def base_train(seed, **kw):
+        return TrainConfig(epochs=a.epochs, patience=a.patience, batch_size=a.batch_size,
+                           seed=seed, progress=False, **kw)
+
+    def static(seed, cap):
+        """Best of the largest routes under `cap`, each trained alone."""
+        tried = {}
+        for r in routes_under(mcfg0, cap, a.static_candidates):
+            key = f"{seed}/{r}"
+            # the file keeps no per-user values, which the bootstrap needs:
+            # a static run read back from it is trained again (same result)
+            if key not in report["static_runs"] or \
+                    "per_user_ndcg@10" not in report["static_runs"][key]:
+                rec = run_one(single_route(mcfg0, r), base_train(seed, fixed_route=0),
+                              split, types, mcfg0)
+                report["static_runs"][key] = dict(rec, route=r)
+                print(f"  static route {r} {mcfg0.routes()[r]}: valid "
+                      f"{rec['valid_ndcg@10']:.4f} test {rec['test_ndcg@10']:.4f} "
+                      f"ratio {rec['flop_ratio']:.3f} ({rec['train_seconds']:.0f}s)",
+                      flush=True)
+            tried[r] = report["static_runs"][key]
+        best = max(tried, key=lambda r: tried[r]["valid_ndcg@10"])
+        return tried[best], sorted(tried)
+
+    for seed in a.seeds:
+        if a.dense and str(seed) not in report["dense"]:
+            report["dense"][str(seed)] = run_one(
+                mcfg0, base_train(seed, fixed_route=mcfg0.max_route), split, types, mcfg0)
+            print(f"seed {seed} dense: test {report['dense'][str(seed)]['test_ndcg@10']:.4f}")
+            save()
+        for name in a.variants:
+            key = f"{name}/{seed}"
+            if key in report["runs"]:
+                continue
+            v = VARIANTS[name]
+            mcfg = CANetConfig.from_dict(dict(mcfg0.to_dict(), **v.get("model", {})))
+            rec = run_one(mcfg, base_train(seed, **v.get("train", {})), split, types, mcfg0,
+                          a.probe_routes)
+            rec["variant"], rec["seed"] = name, seed
+            srec, cands = static(seed, rec["valid_flop_ratio"])
+            rec["static"] = {k: srec[k] for k in ("route", "valid_ndcg@10", "test_ndcg@10",
+                                                  "flop_ratio", "train_seconds",
+                                                  "ndcg@10_by_type",
+                                                  "per_user_ndcg@10")}
+            rec["static"]["candidates"] = cands
+            ratio = rec["test_ndcg@10"] / max(srec["test_ndcg@10"], 1e-12)
+            rec["ndcg10_vs_static"] = {"ratio": ratio, "ci95": bootstrap_ratio(
+                rec["per_user_ndcg@10"], srec["per_user_ndcg@10"])}
+            report["runs"][key] = rec
+            t = rec["flop_ratio_by_type"]
+            print(f"seed {seed} {name}: valid {rec['valid_ndcg@10']:.4f} test "
+                  f"{rec['test_ndcg@10']:.4f} ratio {rec['flop_ratio']:.3f} routes "
+                  f"{rec['routes_used']} largest {rec['largest_share']:.0%} simple/complex "
+                  f"{t.get('simple', 0):.3f}/{t.get('complex', 0):.3f} spread "
+                  f"{rec['logit_spread']['ratio']:.2f} | static route {srec['route']} "
+                  f"{srec['test_ndcg@10']:.4f} ({srec['flop_ratio']:.3f}) x{ratio:.3f} "
+                  f"[{rec['ndcg10_vs_static']['ci95'][0]:.3f}-"
+                  f"{rec['ndcg10_vs_static']['ci95'][1]:.3f}] "
+                  f"({rec['train_seconds']:.0f}s)", flush=True)
+            save()
+    save()
+    print(f"wrote {a.out}")
+
+
+def summary(report):
+    """Per variant: means over the seeds run."""
+    out = {}
+    for rec in report["runs"].values():
+        s = out.setdefault(rec["variant"], {"seeds": [], "valid": [], "test": [], "static": [],
+                                            "ratio": [], "largest": [], "used": []})
+        s["seeds"].append(rec["seed"])
+        s["valid"].append(rec["valid_ndcg@10"])
+        s["test"].append(rec["test_ndcg@10"])
+        s["static"].append(rec["static"]["test_ndcg@10"])
+        s["ratio"].append(rec["flop_ratio"])
+        s["largest"].append(rec["largest_share"])
+        s["used"].append(rec["routes_used"])
+    for s in out.values():
+        for k in ("valid", "test", "static", "ratio", "largest", "used"):
+            s[k] = sum(s[k]) / len(s[k])
+    report["summary"] = out
+
+
+def markdown(report):
+    """One row per variant: per-seed values and means over the seeds run."""
+    rows = ["| variant | seeds | test NDCG@10 per seed (mean) | valid NDCG@10 mean | "
+            "FLOP ratio mean | routes used (>= 5%) per seed | largest share mean | "
+            "simple / complex FLOP ratio | logit spread users / routes | static, same "
+            "cost: test NDCG@10 mean (FLOP ratio) | CANet / static per seed [95% CI] | "
+            "train s |",
+            "|" + "---|" * 12]
+    by = {}
+    for rec in report["runs"].values():
+        by.setdefault(rec["variant"], []).append(rec)
+    for v in [v for v in VARIANTS if v in by]:
+        rs = sorted(by[v], key=lambda r: r["seed"])
+
+        def mean(f):
+            return sum(f(r) for r in rs) / len(rs)
+
+        tests = " / ".join(f"{r['test_ndcg@10']:.4f}" for r in rs)
+        used = " / ".join(f"{r['routes_used']} ({r['routes_over_5pct']})" for r in rs)
+        vs = "; ".join("{:.3f} [{:.3f}-{:.3f}]".format(r["ndcg10_vs_static"]["ratio"],
+                                                       *r["ndcg10_vs_static"]["ci95"])
+                       for r in rs)
+        rows.append(
+            f"| {v} | {', '.join(str(r['seed']) for r in rs)} | {tests} "
+            f"({mean(lambda r: r['test_ndcg@10']):.4f}) | "
+            f"{mean(lambda r: r['valid_ndcg@10']):.4f} | {mean(lambda r: r['flop_ratio']):.3f} | "
+            f"{used} | {mean(lambda r: r['largest_share']):.0%} | "
+            f"{mean(lambda r: r['flop_ratio_by_type']['simple']):.3f} / "
+            f"{mean(lambda r: r['flop_ratio_by_type']['complex']):.3f} | "
+            f"{mean(lambda r: r['logit_spread']['across_users']):.2f} / "
+            f"{mean(lambda r: r['logit_spread']['between_routes']):.2f} | "
+            f"{mean(lambda r: r['static']['test_ndcg@10']):.4f} "
+            f"({mean(lambda r: r['static']['flop_ratio']):.3f}) | {vs} | "
+            f"{mean(lambda r: r['train_seconds']):.0f} |")
+    dense = sorted(report.get("dense", {}).items())
+    if dense:
+        n = len(dense)
+        tests = " / ".join(f"{d['test_ndcg@10']:.4f}" for _, d in dense)
+        rows.append(
+            f"| dense (max route, reference) | {', '.join(k for k, _ in dense)} | {tests} "
+            f"({sum(d['test_ndcg@10'] for _, d in dense) / n:.4f}) | "
+            f"{sum(d['valid_ndcg@10'] for _, d in dense) / n:.4f} | 1.000 | 1 | 100% | "
+            f"1.000 / 1.000 | - | - | - | {sum(d['train_seconds'] for _, d in dense) / n:.0f} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
