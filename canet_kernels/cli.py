@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from . import data as D
+from .distributed import env_main
 from .metrics import format_metrics
 from .model import CANetConfig
 from .options import MODEL_OPTIONS, TRAIN_OPTIONS, add_options, from_options
@@ -122,13 +123,18 @@ def route_table(cfg: CANetConfig, counts) -> str:
 # ------------------------------------------------------------- commands --
 
 def cmd_train(args):
+    main = env_main()        # under torchrun, rank 0 prints
     ds = _load_data(args)
-    print(ds.summary())
+    if main:
+        print(ds.summary())
     split = D.leave_one_out(ds, args.max_len, windows=args.windows)
     mcfg = _model_cfg(args, ds.n_items)
     tcfg = _train_cfg(args, mcfg)
     source = dict(ds.source, max_len=args.max_len, windows=args.windows)
-    model, res = train(mcfg, tcfg, split, args.out, source, resume=args.resume)
+    model, res = train(mcfg, tcfg, split, args.out, source, resume=args.resume,
+                       shard_items=args.shard_items)
+    if not main:
+        return 0
     _print_results(res)
     print(route_table(mcfg, res["test"]["route_counts"]))
     print(f"checkpoint: {args.out}")
@@ -292,6 +298,9 @@ def build_parser():
     _add_train_args(t)
     t.add_argument("--out", required=True, help="run directory (checkpoints)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--shard-items", action="store_true",
+                   help="under torchrun: split the output layer's item rows over the "
+                        "processes (scoring per shard, combined across them)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="validation and test metrics of a checkpoint")

@@ -39,15 +39,9 @@ def target_rank(scores, targets):
 def full_ranking(scores, targets, ks=(10, 20), seen=None):
     """Per-user metric values {f"{metric}@{k}": [B] float} over all items."""
     s = mask_scores(scores, seen)
-    out = {}
     if targets.dim() == 1:
-        rank = target_rank(s, targets).to(torch.float64)
-        for k in ks:
-            hit = (rank < k).to(torch.float64)
-            out[f"recall@{k}"] = hit
-            out[f"hr@{k}"] = hit
-            out[f"ndcg@{k}"] = hit / torch.log2(rank + 2)
-        return out
+        return rank_metrics(target_rank(s, targets).to(torch.float64), ks)
+    out = {}
     rel = targets > 0                                                # [B, M]
     n_rel = rel.sum(-1).to(torch.float64)
     # Ranks by counting, not by positions in a topk list: topk orders tied
@@ -68,6 +62,18 @@ def full_ranking(scores, targets, ks=(10, 20), seen=None):
         ideal = torch.cumsum(disc[:k], 0)                            # ideal DCG by #rel
         idcg = ideal[(n_rel.clamp(1, k) - 1).long()]
         out[f"ndcg@{k}"] = (h / torch.log2(rank + 2)).sum(-1) / idcg
+    return out
+
+
+def rank_metrics(rank, ks=(10, 20)):
+    """Per-user metric values of single targets from their 0-based ranks
+    [B] (float64): what full_ranking gives for targets [B]."""
+    out = {}
+    for k in ks:
+        hit = (rank < k).to(torch.float64)
+        out[f"recall@{k}"] = hit
+        out[f"hr@{k}"] = hit
+        out[f"ndcg@{k}"] = hit / torch.log2(rank + 2)
     return out
 
 

@@ -19,7 +19,7 @@ MODEL_OPTIONS = ("max_len", "emb_widths", "hidden_widths", "depths", "num_heads"
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "path",
                  "eval_every", "patience", "mask_seen", "calibrate_flops",
                  "spend_budget", "warmup_epochs", "router_mode", "router_candidates",
-                 "max_train_seconds", "progress")
+                 "max_train_seconds", "progress", "device")
 
 HELP = {
     "emb_widths": "embedding widths of the routing space (comma-separated)",
@@ -43,6 +43,8 @@ HELP = {
     "router_candidates": "value mode: random routes measured per batch (plus min, max)",
     "max_train_seconds": "stop after the epoch that brings training time past this",
     "progress": "progress bars",
+    "device": "cpu, or cuda to train on the GPU (under torchrun: each process's "
+              "LOCAL_RANK GPU)",
 }
 ALIASES = {"num_heads": ("--heads",)}
 CHOICES = {"path": ("routed", "masked"), "router_mode": ("canet", "value")}

@@ -23,9 +23,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from . import distributed
 from .data import EvalSet, Split, batches
 from .metrics import MetricAccumulator, full_ranking
 from .model import CANet, CANetConfig
+from .ops import shared_plans
 
 CHECKPOINT_FORMAT = 1
 
@@ -71,6 +73,9 @@ class TrainConfig:
     # stop after the first epoch that brings training time past this (a
     # wall-time budget for slow machines); None = no limit
     max_train_seconds: float | None = None
+    # where the model trains: "cpu" or "cuda" (under torchrun: the process's
+    # LOCAL_RANK GPU; the CUDA ops run on canet's Triton / CUDA kernels)
+    device: str = "cpu"
 
     def to_dict(self):
         d = asdict(self)
@@ -87,7 +92,8 @@ class TrainConfig:
 
 
 # Settings that may change on --resume without changing the run.
-_RESUMABLE = {"epochs", "progress", "patience", "eval_batch_size", "max_train_seconds"}
+_RESUMABLE = {"epochs", "progress", "patience", "eval_batch_size", "max_train_seconds",
+              "device"}
 
 
 def set_seed(seed: int):
@@ -100,10 +106,34 @@ def set_seed(seed: int):
 
 # ------------------------------------------------------------ evaluation --
 
-def _batch(es, idx):
+def _device(model) -> torch.device:
+    """The device of the model's weights (the CPU for a model without any)."""
+    t = next(iter(model.parameters()), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
+def train_device(spec: str) -> torch.device:
+    """torch.device of TrainConfig.device; "cuda" under torchrun is the
+    process's LOCAL_RANK GPU."""
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {spec!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r}: no CUDA device (torch.cuda.is_available() "
+                             "is False)")
+        if dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return dev
+
+
+def _batch(es, idx, device=None):
     lengths = es.lengths[idx]
-    L = max(int(lengths.max()), 1)
-    return es.items[idx, :L], lengths
+    L = max(int(lengths.max()), 1) if len(idx) else 1
+    return es.items[idx, :L].to(device), lengths.to(device)
 
 
 def _fixed(model, n, route):
@@ -116,37 +146,52 @@ def _fixed(model, n, route):
 @torch.no_grad()
 def evaluate(model: CANet, es: EvalSet, ks=(10, 20), mask_seen=False,
              batch_size=256, route=None, path="routed", progress=False,
-             desc="eval", flop_ref: CANetConfig | None = None, per_user=False):
+             desc="eval", flop_ref: CANetConfig | None = None, per_user=False,
+             dist: distributed.Context | None = None):
     """Full-ranking metrics over all items for every user of `es`, plus the
     route distribution ("route_counts", "routes_used", "largest_share") and
     the mean FLOP ratio of the routes taken, overall and per quartile of
     history length. FLOP ratios are against the max route of `flop_ref`
     (default: the model's own routing space). `route`: None = the router's
     argmax, "max" = the dense model, or a route id. `per_user`: also the
-    per-user routes and metric values, in `es` order."""
+    per-user routes and metric values, in `es` order. `dist`: on several
+    processes each rank scores its block of users and every rank gets the
+    results of all users."""
+    dist = dist or distributed.Context()
     was_training = model.training
     model.eval()
     acc = MetricAccumulator()
     users: dict = {}
     taken = []
-    for idx in tqdm(batches(len(es), batch_size), desc=desc, leave=False,
-                    disable=not progress):
-        items, lengths = _batch(es, idx)
-        scores, routes = model(items, lengths, _fixed(model, len(idx), route), path)
-        seen = es.seen[idx] if mask_seen else None
-        vals = full_ranking(scores, es.targets[idx], ks, seen)
+    dev = _device(model)
+    for idx in tqdm(dist.user_batches(len(es), batch_size), desc=desc, leave=False,
+                    disable=not progress or not dist.main):
+        items, lengths = _batch(es, idx, dev)
+        seen = es.seen[idx].to(dev) if mask_seen else None
+        targets = es.targets[idx].to(dev)
+        fixed = _fixed(model, len(idx), route)
+        fixed = fixed.to(dev) if fixed is not None else None
+        if dist.table is None:
+            scores, routes = model(items, lengths, fixed, path)
+            vals = full_ranking(scores, targets, ks, seen)
+        else:
+            vals, routes = dist.table.ranking(model, items, lengths, fixed, targets, ks,
+                                              seen, path)
         acc.update(vals)
         taken.append(routes.cpu())
         if per_user:
             for k, v in vals.items():
                 users.setdefault(k, []).append(v.cpu())
     model.train(was_training)
+    dist.reduce_metrics(acc, ks)
     res = acc.result()
-    routes = torch.cat(taken) if taken else torch.zeros(0, dtype=torch.int64)
+    routes = dist.gather(torch.cat(taken) if taken else torch.zeros(0, dtype=torch.int64))
     res.update(route_report(model.cfg, routes, (es.seen > 0).sum(1), flop_ref))
     if per_user:
+        if dist.world > 1:  # every rank lists the same keys, even without users
+            users = {k: users.get(k, [torch.zeros(0, dtype=torch.float64)]) for k in acc.sums}
         res["per_user"] = {"routes": routes.tolist(),
-                           **{k: torch.cat(v).tolist() for k, v in users.items()}}
+                           **{k: dist.gather(torch.cat(v)).tolist() for k, v in users.items()}}
     return res
 
 
@@ -179,21 +224,32 @@ def route_flop_ratios(cfg: CANetConfig, ref: CANetConfig | None = None) -> list:
     return [f / top for f in cfg.route_flops()]
 
 
-def eval_batches(es: EvalSet, batch_size=256):
+def eval_batches(es: EvalSet, batch_size=256, device=None):
     """(items, lengths) batches of every user of `es`, in order."""
-    return (_batch(es, idx) for idx in batches(len(es), batch_size))
+    return (_batch(es, idx, device) for idx in batches(len(es), batch_size))
 
 
 def router_logits(model: CANet, es: EvalSet, batch_size=256):
     """Router logits [U, R] of every user of `es` (eval mode)."""
-    return model.router_logits(eval_batches(es, batch_size))
+    return model.router_logits(eval_batches(es, batch_size, _device(model)))
 
 
-def calibrate(model: CANet, es: EvalSet, batch_size=256, spend: bool = False):
+def calibrate(model: CANet, es: EvalSet, batch_size=256, spend: bool = False,
+              dist: distributed.Context | None = None):
     """Sets the inference cost bias on `es` (validation users) so the mean
     FLOP ratio of the routes meets model.cfg.flop_target (with `spend`: comes
-    up to it from below too). Returns the bias."""
-    return model.calibrate(eval_batches(es, batch_size), spend=spend)
+    up to it from below too). Returns the bias. `dist`: each rank runs the
+    router on its block of users; all ranks set the bias from all logits."""
+    if dist is None or dist.world == 1:
+        return model.calibrate(eval_batches(es, batch_size, _device(model)), spend=spend)
+    target = model.cfg.flop_target
+    if target is None:
+        return float(model.cost_bias)
+    mine = [_batch(es, idx, _device(model))
+            for idx in dist.user_batches(len(es), batch_size) if len(idx)]
+    logits = model.router_logits(mine) if mine else \
+        torch.zeros(0, model.cfg.num_routes, dtype=model.router.head.weight.dtype)
+    return model.calibrate_cost_bias(dist.gather(logits), target, spend=spend)
 
 
 def sandwich_routes(cfg: CANetConfig, n: int, gen: torch.Generator):
@@ -225,8 +281,8 @@ def route_distribution(model: CANet, es: EvalSet, batch_size=256):
     model.eval()
     out = []
     for idx in batches(len(es), batch_size):
-        items, lengths = _batch(es, idx)
-        out.append(model.route(items, lengths).routes)
+        items, lengths = _batch(es, idx, _device(model))
+        out.append(model.route(items, lengths).routes.cpu())
     return torch.cat(out)
 
 
@@ -236,11 +292,12 @@ def time_inference(model: CANet, es: EvalSet, route=None, path="routed",
     """Best-of-`repeats` wall time (s) of scoring every user of `es`
     (router included when route is None)."""
     model.eval()
-    bs = [_batch(es, idx) for idx in batches(len(es), batch_size)]
+    bs = [_batch(es, idx, _device(model)) for idx in batches(len(es), batch_size)]
 
     def once():
         for items, lengths in bs:
-            model(items, lengths, _fixed(model, items.shape[0], route), path)
+            fixed = _fixed(model, items.shape[0], route)
+            model(items, lengths, None if fixed is None else fixed.to(items.device), path)
 
     for _ in range(warmup):
         once()
@@ -336,10 +393,17 @@ def load_last(out_dir, model, opt, gen) -> dict:
 # -------------------------------------------------------------- training --
 
 def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
-          data_source=None, resume=False, log=print):
+          data_source=None, resume=False, log=print, shard_items=False):
     """Trains from a seed (or resumes `out_dir`), selects the epoch on
     validation, evaluates the test set once with the selected weights.
-    Returns (model with the selected weights, results dict)."""
+    Returns (model with the selected weights, results dict). Under torchrun
+    every process runs this (see canet_kernels.distributed); rank 0 logs and
+    writes. `shard_items`: split the output layer's item rows over the
+    processes (one process: all rows, through the same code)."""
+    if shard_items:
+        distributed.check_shard_items(model_cfg, tcfg)
+    if not distributed.env_main():
+        log = _quiet
     if model_cfg.max_len < split.max_len:
         raise ValueError(f"model max_len {model_cfg.max_len} < data max_len {split.max_len}")
     if tcfg.router_mode not in ("canet", "value"):
@@ -347,7 +411,8 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
     if model_cfg.n_items < split.n_items:
         raise ValueError(f"model n_items {model_cfg.n_items} < data n_items {split.n_items}")
     set_seed(tcfg.seed)
-    model = CANet(model_cfg)
+    device = train_device(tcfg.device)
+    model = CANet(model_cfg).to(device)   # before the optimizer and a resumed state
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     gen = torch.Generator().manual_seed(tcfg.seed)
     state = {"epoch": 0, "best": None, "best_epoch": 0, "bad_evals": 0,
@@ -367,7 +432,9 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
                              "from the checkpoint's")
         state = load_last(out_dir, model, opt, gen)
         log(f"resumed {out_dir} after epoch {state['epoch']}")
-    if out_dir is not None:
+    dist = distributed.setup(model, opt, shard_items, device)
+    step = dist.wrap(_Step(model, dist.table))
+    if out_dir is not None and dist.main:
         write_config(out_dir, model_cfg, tcfg, data_source)
 
     tr = split.train
@@ -378,57 +445,63 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
         if state["stopped"]:
             break
         model.train()
+        model.anneal((epoch - 1) / max(tcfg.epochs - 1, 1))  # Gumbel tau (cfg.tau_end)
+        dist.seed_epoch(tcfg.seed, epoch)
         t0 = time.perf_counter()
         sums: dict = {}
         nb = 0
-        bar = tqdm(batches(len(tr), tcfg.batch_size, gen), desc=f"epoch {epoch}",
-                   leave=False, disable=not tcfg.progress)
-        for idx in bar:
+        bar = tqdm(dist.train_batches(len(tr), tcfg.batch_size, gen), desc=f"epoch {epoch}",
+                   leave=False, disable=not tcfg.progress or not dist.main)
+        for batch in bar:
+            part = dist.part(len(batch))         # this rank's rows of the batch
+            idx = batch[part]
             lengths = tr.lengths[idx]
             L = int(lengths.max())
             routes = _fixed(model, len(idx), tcfg.fixed_route)
             value = (routes is None and tcfg.router_mode == "value"
                      and epoch > tcfg.warmup_epochs)
             if routes is None and (epoch <= tcfg.warmup_epochs or value):
-                routes = sandwich_routes(model.cfg, len(idx), gen)
-            items, targets = tr.items[idx, :L], tr.targets[idx, :L]
-            loss, st = model.loss(items, lengths, targets, routes=routes, path=tcfg.path)
-            if value:
-                cand = value_candidates(model.cfg, tcfg.router_candidates, gen)
-                last = targets[torch.arange(len(idx)), lengths - 1]
-                rv = model.route_value_loss(items, lengths, last, cand)
-                loss = loss + rv
-                st["router"] = rv.item()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+                # drawn for the whole batch: the generator advances as in one process
+                routes = sandwich_routes(model.cfg, len(batch), gen)[part]
+            items, targets = tr.items[idx, :L].to(device), tr.targets[idx, :L].to(device)
+            cand = value_candidates(model.cfg, tcfg.router_candidates, gen) if value else None
+            with shared_plans():   # the backward kernels reuse the forward's tile plans
+                loss, st = step(items, lengths.to(device), targets,
+                                None if routes is None else routes.to(device), tcfg.path,
+                                None if cand is None else cand.to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             if tcfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+                dist.clip_grad_norm(model.parameters(), tcfg.grad_clip)
             opt.step()
             for k, v in st.items():
                 sums[k] = sums.get(k, 0.0) + v
             nb += 1
             bar.set_postfix(loss=f"{st['loss']:.3f}", flops=f"{st['flop_ratio']:.2f}")
-        state["train_seconds"] += time.perf_counter() - t0
-        rec = {"epoch": epoch, **{k: v / max(nb, 1) for k, v in sums.items()}}
+        state["train_seconds"] += dist.max(time.perf_counter() - t0)  # same on every rank
+        rec = {"epoch": epoch, **dist.mean_stats(sums, nb)}
         msg = f"epoch {epoch}: loss {rec.get('loss', float('nan')):.4f}"
         if "ce" in rec:
             msg += f" ce {rec['ce']:.4f} train flop ratio {rec['flop_ratio']:.3f}"
         if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
             if eval_route is None and tcfg.calibrate_flops:
                 rec["cost_bias"] = calibrate(model, split.valid, tcfg.eval_batch_size,
-                                             spend=tcfg.spend_budget)
+                                             spend=tcfg.spend_budget, dist=dist)
             val = evaluate(model, split.valid, tcfg.ks, tcfg.mask_seen,
-                           tcfg.eval_batch_size, route=eval_route, path=tcfg.path)
+                           tcfg.eval_batch_size, route=eval_route, path=tcfg.path,
+                           dist=dist)
             rec["valid"] = {k: v for k, v in val.items() if k != "route_counts"}
             msg += f" | valid {sel} {val[sel]:.4f} flop ratio {val['flop_ratio']:.3f}"
             if state["best"] is None or val[sel] > state["best"][sel]:
                 state["best"], state["best_epoch"], state["bad_evals"] = \
                     rec["valid"], epoch, 0
                 msg += " *"
-                if out_dir is not None:
-                    save_weights(os.path.join(out_dir, "best.safetensors"), model)
-                else:
-                    best_state = {k: v.clone() for k, v in model.state_dict().items()}
+                with dist.full_table():
+                    if out_dir is not None:
+                        if dist.main:
+                            save_weights(os.path.join(out_dir, "best.safetensors"), model)
+                    else:
+                        best_state = {k: v.clone() for k, v in model.state_dict().items()}
             else:
                 state["bad_evals"] += 1
                 if tcfg.patience is not None and state["bad_evals"] >= tcfg.patience:
@@ -442,21 +515,55 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
         state["epoch"] = epoch
         log(msg)
         if out_dir is not None:
-            save_last(out_dir, model, opt, gen, state)
+            with dist.full_table(opt):
+                if dist.main:
+                    save_last(out_dir, model, opt, gen, state)
 
     # the selected weights, then the test set once
-    if out_dir is not None and os.path.exists(os.path.join(out_dir, "best.safetensors")):
-        model.load_state_dict(load_file(os.path.join(out_dir, "best.safetensors")))
-    elif out_dir is None and state["best"] is not None:
-        model.load_state_dict(best_state)
+    with dist.full_table():
+        if out_dir is not None and dist.main and \
+                os.path.exists(os.path.join(out_dir, "best.safetensors")):
+            model.load_state_dict(load_file(os.path.join(out_dir, "best.safetensors")))
+        elif out_dir is None and state["best"] is not None:
+            model.load_state_dict(best_state)
+        dist.broadcast_model(model)     # rank 0 read the file (it may be on its machine only)
     test = evaluate(model, split.test, tcfg.ks, tcfg.mask_seen, tcfg.eval_batch_size,
-                    route=eval_route, path=tcfg.path)
+                    route=eval_route, path=tcfg.path, dist=dist)
     results = {"protocol": protocol(tcfg), "best_epoch": state["best_epoch"],
                "epochs_run": state["epoch"], "train_seconds": state["train_seconds"],
                "valid": state["best"], "test": test}
-    if out_dir is not None:
+    if out_dir is not None and dist.main:
         _write_json(os.path.join(out_dir, "results.json"), results)
+    if dist.table is not None:
+        dist.table.unshard()            # the returned model scores the whole table
+    dist.barrier()  # no rank exits while another still waits on it (that aborts gloo)
     return model.eval(), results
+
+
+def _quiet(*_args, **_kwargs):
+    """The log of ranks other than 0."""
+
+
+class _Step(torch.nn.Module):
+    """A training step's loss as one forward, so that DistributedDataParallel
+    sees the whole step (CE, router losses, value regression) in one pass."""
+
+    def __init__(self, model: CANet, table=None):
+        super().__init__()
+        self.model, self.table = model, table
+
+    def forward(self, items, lengths, targets, routes, path, cand=None):
+        if self.table is None:
+            loss, st = self.model.loss(items, lengths, targets, routes=routes, path=path)
+        else:
+            loss, st = self.model.loss(items, lengths, targets, routes=routes, path=path,
+                                       table=self.table)
+        if cand is not None:
+            last = targets[torch.arange(len(items)), lengths - 1]
+            rv = self.model.route_value_loss(items, lengths, last, cand)
+            loss = loss + rv
+            st["router"] = rv.item()
+        return loss, st
 
 
 def protocol(tcfg: TrainConfig) -> str:

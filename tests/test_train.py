@@ -99,3 +99,13 @@ def test_route_report_quartiles_and_reference():
                           torch.ones(3))["flop_ratio"] == 1.0
     own = T.route_report(small, torch.zeros(3, dtype=torch.long), torch.ones(3), cfg)
     assert own["flop_ratio"] == ratios[0] < 1
+
+
+def test_train_device_names_the_argument(monkeypatch):
+    import pytest
+    with pytest.raises(ValueError, match="device must be"):
+        T.train_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda': no CUDA device"):
+        T.train_device("cuda")
+    assert T.train_device("cpu") == torch.device("cpu")

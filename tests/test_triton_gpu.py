@@ -220,6 +220,26 @@ def test_model_routed_matches_masked():
         torch.testing.assert_close(res["routed"][1][k], g, atol=1e-4, rtol=1e-3, msg=k)
 
 
+def test_train_runs_on_the_gpu(tmp_path):
+    # `canet train --device cuda`: a short run end to end (router, routed
+    # ops on Triton, evaluation, checkpoint), then resumed on the GPU
+    from canet_kernels import data as Dt
+    from canet_kernels import train as T
+    from canet_kernels.model import CANetConfig
+    split = Dt.leave_one_out(Dt.synthetic(80, 40, seed=0), max_len=8)
+    cfg = CANetConfig(n_items=split.n_items, max_len=8, emb_widths=(8, 16),
+                      hidden_widths=(8, 16), depths=(1, 2), num_heads=2, router_width=8,
+                      router_heads=2, router_ffn=16)
+    tcfg = T.TrainConfig(epochs=2, batch_size=32, progress=False, device="cuda")
+    model, res = T.train(cfg, tcfg, split, out_dir=str(tmp_path), log=lambda *_: None)
+    assert next(model.parameters()).is_cuda
+    assert 0 <= res["test"]["ndcg@10"] <= 1 and res["epochs_run"] == 2
+    tcfg = T.TrainConfig(epochs=3, batch_size=32, progress=False, device="cuda")
+    _, res = T.train(cfg, tcfg, split, out_dir=str(tmp_path), resume=True,
+                     log=lambda *_: None)
+    assert res["epochs_run"] == 3
+
+
 # --------------------------------------------------------- routed scoring --
 
 def scoring_case(N=300, V=5000, seed=0):
