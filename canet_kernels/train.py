@@ -16,6 +16,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -214,6 +215,40 @@ def route_report(cfg: CANetConfig, routes, history_lengths, flop_ref=None) -> di
             "routes_over_5pct": int((counts >= 0.05 * n).sum()),
             "largest_share": float(counts.max()) / n if len(routes) else 0.0,
             "flop_ratio_by_length_quartile": {"upper_bounds": q.tolist(), "mean": by_q}}
+
+
+# A router that sends more than this share of users down one route has
+# collapsed: per-user routing is not happening.
+COLLAPSE_SHARE = 0.9
+
+
+def route_summary(cfg: CANetConfig, counts) -> str:
+    """One line of an epoch's log: routes used and the largest share."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    n = float(counts.sum())
+    top = int(counts.argmax())
+    emb, hid, depth = cfg.routes()[top]
+    return (f"routes used {int((counts > 0).sum())}, largest {counts[top] / max(n, 1):.0%} "
+            f"(route {top}: emb {emb}, hidden {hid}, depth {depth})")
+
+
+def collapse_warning(cfg: CANetConfig, counts, epoch=None):
+    """Warns, naming the route, when one route takes > COLLAPSE_SHARE of
+    the users."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    n = float(counts.sum())
+    top = int(counts.argmax())
+    if len(counts) > 1 and n and counts[top] / n > COLLAPSE_SHARE:
+        emb, hid, depth = cfg.routes()[top]
+        when = f" at epoch {epoch}" if epoch is not None else ""
+        warnings.warn(f"route {top} (emb {emb}, hidden {hid}, depth {depth}) takes "
+                      f"{counts[top] / n:.0%} of the validation users{when}: the router "
+                      "sends (nearly) everyone down one route", RouteCollapseWarning,
+                      stacklevel=2)
+
+
+class RouteCollapseWarning(UserWarning):
+    """One route takes (nearly) all users."""
 
 
 def route_flop_ratios(cfg: CANetConfig, ref: CANetConfig | None = None) -> list:
@@ -491,7 +526,11 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
                            tcfg.eval_batch_size, route=eval_route, path=tcfg.path,
                            dist=dist)
             rec["valid"] = {k: v for k, v in val.items() if k != "route_counts"}
+            rec["route_counts"] = val["route_counts"]
             msg += f" | valid {sel} {val[sel]:.4f} flop ratio {val['flop_ratio']:.3f}"
+            msg += " | " + route_summary(model.cfg, val["route_counts"])
+            if eval_route is None:
+                collapse_warning(model.cfg, val["route_counts"], epoch)
             if state["best"] is None or val[sel] > state["best"][sel]:
                 state["best"], state["best_epoch"], state["bad_evals"] = \
                     rec["valid"], epoch, 0

@@ -109,3 +109,32 @@ def test_train_device_names_the_argument(monkeypatch):
     with pytest.raises(ValueError, match="device 'cuda': no CUDA device"):
         T.train_device("cuda")
     assert T.train_device("cpu") == torch.device("cpu")
+
+
+def test_epoch_log_shows_routes_and_warns_on_collapse(monkeypatch):
+    """Every evaluated epoch logs the route distribution, keeps it in the
+    history, and warns naming the route when one takes > 90% of users."""
+    import pytest
+
+    from canet_kernels import data as D
+    split = D.leave_one_out(D.synthetic(60, 40, seed=0), max_len=8)
+    cfg = CANetConfig(n_items=split.n_items, max_len=8, emb_widths=(8,),
+                      hidden_widths=(8, 16), depths=(1,), num_heads=2, router_width=8,
+                      router_heads=2, router_ffn=16)
+    real = T.evaluate
+    shares = iter([[30, 30], [1, 59]])
+
+    def fake(model, es, *a, **kw):
+        res = real(model, es, *a, **kw)
+        if es is split.valid:
+            res["route_counts"] = next(shares)
+        return res
+
+    monkeypatch.setattr(T, "evaluate", fake)
+    logs = []
+    tcfg = T.TrainConfig(epochs=2, batch_size=32, progress=False)
+    with pytest.warns(T.RouteCollapseWarning, match=r"route 1 \(emb 8, hidden 16, depth 1\) "
+                      r"takes 98% of the validation users at epoch 2"):
+        _, res = T.train(cfg, tcfg, split, log=logs.append)
+    assert "routes used 2, largest 50%" in logs[0]
+    assert "largest 98% (route 1: emb 8, hidden 16, depth 1)" in logs[1]
