@@ -480,7 +480,7 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
         if state["stopped"]:
             break
         model.train()
-        model.anneal((epoch - 1) / max(tcfg.epochs - 1, 1))  # Gumbel tau (cfg.tau_end)
+        model.anneal((epoch - 1) / max(tcfg.epochs - 1, 1))  # cfg.tau_end, cfg.noise_end
         dist.seed_epoch(tcfg.seed, epoch)
         t0 = time.perf_counter()
         sums: dict = {}
