@@ -53,6 +53,7 @@ VARIANTS = {
     "router_stats": {"model": {"router_stats": True}},
     "warmup": {"train": {"warmup_epochs": 5}},
     "value_router": {"train": {"router_mode": "value", "warmup_epochs": 5}},
+    "inplace_distill": {"model": {"distill": 1.0}},
 }
 
 # The `canet demo` settings (cli.py), so the data and model are the demo's.

@@ -148,3 +148,65 @@ def test_noise_annealed_to_zero_samples_the_argmax():
     assert torch.all(rt.gate == 1)
     rt.gate.sum().backward()                           # straight-through gradient
     assert m.router.head.weight.grad.abs().sum() > 0
+
+
+def test_distill_off_is_the_plain_loss_and_refuses_bad_values():
+    torch.manual_seed(0)
+    plain = CANet(cfg_()).train()
+    zero = CANet(cfg_(distill=0.0)).train()
+    zero.load_state_dict(plain.state_dict())
+    items, lengths, targets = batch(plain.cfg)
+    torch.manual_seed(1)
+    a, sa = plain.loss(items, lengths, targets)
+    torch.manual_seed(1)
+    b, sb = zero.loss(items, lengths, targets)
+    assert float(a.detach()) == float(b.detach()) and "distill" not in sa and "distill" not in sb
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="distill"):
+            cfg_(distill=bad)
+
+
+@pytest.mark.parametrize("path", ["routed", "masked"])
+@pytest.mark.parametrize("last_only", [False, True])
+def test_distill_adds_the_max_routes_ce_and_kl(path, last_only):
+    """With the same draws, distill's loss is the plain loss + the max
+    route's CE + distill * KL; the KL is 0 where every sample is on the max
+    route, and its gradient reaches the router and the supernet."""
+    torch.manual_seed(0)
+    m = CANet(cfg_(distill=0.5)).train()
+    plain = CANet(cfg_()).train()
+    plain.load_state_dict(m.state_dict())
+    items, lengths, targets = batch(m.cfg)
+    if last_only:
+        targets = targets[torch.arange(len(lengths)), lengths - 1]
+    torch.manual_seed(1)
+    loss, st = m.loss(items, lengths, targets, path=path)
+    torch.manual_seed(1)
+    base, _ = plain.loss(items, lengths, targets, path=path)
+    top = m.fixed_routes(len(lengths))
+    _, ref = plain.loss(items, lengths, targets, routes=top, path=path)
+    assert math.isfinite(st["distill"]) and st["distill"] > 0
+    assert st["ce_max"] == pytest.approx(ref["ce"], rel=1e-5)
+    want = float(base.detach()) + st["ce_max"] + 0.5 * st["distill"]
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
+    if last_only:   # the KL pairs each sample's routed logits with its own max-route ones
+        torch.manual_seed(1)
+        picked = m.route(items, lengths).routes
+        with torch.no_grad():
+            kl = torch.nn.functional.kl_div(
+                m.last_scores(items, lengths, picked, path=path).log_softmax(-1),
+                m.last_scores(items, lengths, top, path=path).log_softmax(-1),
+                reduction="batchmean", log_target=True)
+        assert len(set(picked.tolist())) > 1
+        assert st["distill"] == pytest.approx(float(kl), rel=1e-4, abs=1e-6)
+    loss.backward()
+    assert m.router.head.weight.grad.abs().sum() > 0
+    assert m.net.item_emb.weight.grad.abs().sum() > 0
+    # all samples on the max route: the routed logits are the teacher's
+    m.zero_grad()
+    m.router.head.bias.data[:] = -1e4
+    m.router.head.bias.data[m.cfg.max_route] = 1e4
+    m.cfg.noise_end = 0.0
+    m.anneal(1.0)
+    _, st = m.loss(items, lengths, targets, path=path)
+    assert st["distill"] == pytest.approx(0.0, abs=1e-5)

@@ -10,9 +10,13 @@ Losses (weights in CANetConfig):
   uniform  KL(batch-mean router distribution || uniform over routes)
   budget   relu(E[FLOP ratio] - target), the expectation under the router's
            softmax of each route's analytic FLOP ratio (route / max route)
+  distill  (CANetConfig.distill > 0, off by default) the max route's CE plus
+           distill * KL(max route's detached softmax || routed softmax) on
+           the labelled positions: in-place distillation (slimmable networks)
 CANetConfig's router switches (guide_signal, guide_labels, balance, tau_end,
-budget_shape, router_stats) change one of these at a time; the defaults are
-the above, and benchmarks/router_ablation.py measures each.
+noise_end, budget_shape, router_stats, distill) change one of these at a
+time; the defaults are the above, and benchmarks/router_ablation.py
+measures each.
 
 Inference routes are argmax(logits - cost_bias * FLOP ratio). The budget loss
 constrains the *soft* distribution seen in training, but the deployed argmax
@@ -141,31 +145,7 @@ class CANet(CANetEncoder):
             routes = routing.routes
         gate = routing.gate if routing is not None else None
         r, _ = self.net.resolve_routes(routes, B, x.device)
-        if path == "routed":
-            h, plan = self.net.encode_routed(x, lengths, r, gate)
-            if targets.dim() == 2:
-                t = gather_tokens(targets, lengths, plan)                  # [T]
-                rows = t.nonzero().squeeze(1)
-                widths = torch.repeat_interleave(plan.widths, plan.lengths)[rows]
-            else:
-                rows = plan.cu_seqlens[1:] - 1
-                t, widths = targets[plan.order], plan.widths
-            t = t[rows] if targets.dim() == 2 else t
-            if table is None:
-                ce = F.cross_entropy(self.net.score_rows(h[rows], widths), t)
-            else:
-                ce = table.cross_entropy(h[rows], widths, t).mean()
-        else:
-            if table is not None:
-                raise ValueError("loss: a sharded table scores the routed path only")
-            h = self.net.encode_masked(x, lengths, r, gate)
-            if targets.dim() == 2:
-                pos = torch.arange(L, device=x.device)
-                sel = (targets != 0) & (pos[None] < lengths[:, None])
-                h, t = h[sel], targets[sel]
-            else:
-                h, t = h[torch.arange(B, device=x.device), lengths - 1], targets
-            ce = F.cross_entropy(self.net.score_masked(h), t)
+        logits, ce, key = self._labelled(x, lengths, targets, r, gate, path, table)
         ratio = self.route_ratio[routes].mean()
         stats = {"ce": ce.item(), "flop_ratio": ratio.item()}
         total = ce
@@ -182,10 +162,58 @@ class CANet(CANetEncoder):
             hit = hit | ~self._route_hits(x, lengths, last_t, self.cfg.max_route, table)
         ls = self.logit_losses(routing.logits, hit, routes)
         total = ce + self.weighted_router_loss(ls, ce)
+        if self.cfg.distill > 0:
+            # in-place distillation (slimmable networks, DS-Net): the max route
+            # runs on the batch too, trained on the CE, and the routed logits
+            # learn its detached softmax at every labelled position
+            if table is not None:
+                raise ValueError("loss: distill needs the model's own output layer")
+            top, _ = self.net.resolve_routes(self.fixed_routes(B, device=x.device), B, x.device)
+            t_logits, t_ce, t_key = self._labelled(x, lengths, targets, top, None, path, None)
+            kd = F.kl_div(logits[key.argsort()].float().log_softmax(-1),
+                          t_logits[t_key.argsort()].detach().float().log_softmax(-1),
+                          reduction="batchmean", log_target=True)
+            total = total + t_ce + self.cfg.distill * kd
+            stats.update(ce_max=t_ce.item(), distill=kd.item())
         stats.update(guide=ls["guide"].item(), uniform=ls["uniform"].item(),
                      budget=ls["budget"].item(), exp_ratio=ls["exp_ratio"].item(),
                      small_hit=hit.float().mean().item(), loss=total.item())
         return total, stats
+
+    def _labelled(self, x, lengths, targets, r, gate, path, table):
+        """(logits [N, n_items + 1] of the labelled positions, or None with
+        `table`; their CE; key [N], each row's b * L + t, in the row order,
+        which is the route plan's on the routed path). x, targets right-padded."""
+        B, L = x.shape
+        if path == "routed":
+            h, plan = self.net.encode_routed(x, lengths, r, gate)
+            if targets.dim() == 2:
+                t = gather_tokens(targets, lengths, plan)                  # [T]
+                rows = t.nonzero().squeeze(1)
+                widths = torch.repeat_interleave(plan.widths, plan.lengths)[rows]
+                pos = torch.arange(B * L, device=x.device).view(B, L)
+                key = gather_tokens(pos, lengths, plan)[rows]
+                t = t[rows]
+            else:
+                rows = plan.cu_seqlens[1:] - 1
+                t, widths, key = targets[plan.order], plan.widths, plan.order
+            if table is not None:
+                return None, table.cross_entropy(h[rows], widths, t).mean(), key
+            logits = self.net.score_rows(h[rows], widths)
+            return logits, F.cross_entropy(logits, t), key
+        if table is not None:
+            raise ValueError("loss: a sharded table scores the routed path only")
+        h = self.net.encode_masked(x, lengths, r, gate)
+        if targets.dim() == 2:
+            pos = torch.arange(L, device=x.device)
+            sel = (targets != 0) & (pos[None] < lengths[:, None])
+            h, t = h[sel], targets[sel]
+            key = torch.arange(B * L, device=x.device).view(B, L)[sel]
+        else:
+            h, t = h[torch.arange(B, device=x.device), lengths - 1], targets
+            key = torch.arange(B, device=x.device)
+        logits = self.net.score_masked(h)
+        return logits, F.cross_entropy(logits, t), key
 
     def route_value_loss(self, items, lengths, targets, candidates):
         """Router regression on measured route values: the cross-entropy of

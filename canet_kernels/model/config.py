@@ -70,6 +70,12 @@ class CANetConfig:
     #   distinct items (how repetitive the user is), two features of user
     #   complexity, through a linear layer added to its last-position state.
     router_stats: bool = False
+    # distill: in-place distillation from the largest route (slimmable
+    #   networks, DS-Net): when the router picks the routes, the max route also
+    #   runs on the batch, its CE is trained, and distill * KL(softmax(max-route
+    #   logits).detach() || softmax(routed logits)) over the labelled positions
+    #   is added. 0 = off.
+    distill: float = 0.0
 
     def __post_init__(self):
         if self.residual_scale_init is not None and self.residual_scale_init <= 0:
@@ -101,6 +107,8 @@ class CANetConfig:
                 raise ValueError(f"{name} must be one of {ok}, got {getattr(self, name)!r}")
         if self.noise_end is not None and not 0 <= self.noise_end <= 1:
             raise ValueError(f"noise_end must be in [0, 1], got {self.noise_end}")
+        if not self.distill >= 0:           # also refuses NaN
+            raise ValueError(f"distill must be >= 0, got {self.distill}")
         if self.tau_end is not None and self.tau_end <= 0:
             raise ValueError(f"tau_end must be > 0, got {self.tau_end}")
 
