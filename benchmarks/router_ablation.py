@@ -21,6 +21,19 @@ CANet runs) in benchmarks/results/accuracy/.
 
     python benchmarks/router_ablation.py --threads 1                  # all variants
     python benchmarks/router_ablation.py --variants default switch --seeds 0
+
+With --finetune-epochs N (its own JSON, router_ablation_finetune.json by
+default): after each CANet run the router is frozen (its argmax routes with
+the calibrated cost bias, as evaluated) and the supernet is fine-tuned for N
+epochs with every training user on its own fixed route (the route the router
+gives it on its validation history), same optimizer settings (a fresh Adam)
+and batching; the epoch (0 = no fine-tuning) is selected on validation
+NDCG@10 with the routes fixed and the test set is evaluated once, on the
+test routes the router gave before fine-tuning. The static comparator is at
+the fine-tuned run's FLOP ratio; --static-total-seeds also trains it for the
+same total epochs (--epochs + N) on those seeds.
+
+    python benchmarks/router_ablation.py --variants default --finetune-epochs 10
 """
 from __future__ import annotations
 
@@ -37,8 +50,11 @@ import torch  # noqa: E402
 
 from benchmarks.accuracy_real import bootstrap_ratio, routes_under, single_route  # noqa: E402
 from canet_kernels import data as D  # noqa: E402
+from canet_kernels.metrics import MetricAccumulator, full_ranking  # noqa: E402
 from canet_kernels.model import CANetConfig  # noqa: E402
-from canet_kernels.train import TrainConfig, evaluate, router_logits, train  # noqa: E402
+from canet_kernels.ops import shared_plans  # noqa: E402
+from canet_kernels.train import (TrainConfig, evaluate, route_distribution,  # noqa: E402
+                                 route_report, router_logits, set_seed, train)
 
 # One change each against "default" (model = CANetConfig, train = TrainConfig).
 VARIANTS = {
@@ -76,9 +92,16 @@ def parse():
     p.add_argument("--probe-routes", nargs="*", type=int, default=[],
                    help="also test each CANet model with every user on each of these "
                         "routes (is the supernet's route as good as that route alone?)")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="fine-tune each CANet supernet this many epochs on the frozen "
+                        "router's fixed per-user routes (see the module docstring)")
+    p.add_argument("--static-total-seeds", nargs="*", type=int, default=[],
+                   help="with --finetune-epochs: on these seeds also train the static "
+                        "comparator for --epochs + --finetune-epochs epochs")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "accuracy",
-                                                 "router_ablation.json"))
+    p.add_argument("--out", default=None,
+                   help="default benchmarks/results/accuracy/router_ablation.json "
+                        "(router_ablation_finetune.json with --finetune-epochs)")
     p.add_argument("--resume", action="store_true", help="keep the finished runs in --out")
     p.add_argument("--table", action="store_true",
                    help="print the markdown table of the runs in --out and exit")
@@ -104,8 +127,112 @@ def by_type(values, types):
             if bool((types == t).any())}
 
 
-def run_one(mcfg, tcfg, split, types, ref, probe=()):
-    """Trains, then the test report with per-user values; returns a record."""
+@torch.no_grad()
+def eval_fixed(model, es, routes, ks, mask_seen, ref, batch_size=256):
+    """evaluate() with a given route per user (routes [U], in `es` order):
+    metrics, route report and per-user values."""
+    was = model.training
+    model.eval()
+    acc, users = MetricAccumulator(), {}
+    for idx in torch.arange(len(es)).split(batch_size):
+        lengths = es.lengths[idx]
+        items = es.items[idx, :max(int(lengths.max()), 1)]
+        seen = es.seen[idx] if mask_seen else None
+        scores, _ = model(items, lengths, routes[idx])
+        vals = full_ranking(scores, es.targets[idx], ks, seen)
+        acc.update(vals)
+        for k, v in vals.items():
+            users.setdefault(k, []).append(v)
+    model.train(was)
+    res = acc.result()
+    res.update(route_report(model.cfg, routes, (es.seen > 0).sum(1), ref))
+    res["per_user"] = {k: torch.cat(v).tolist() for k, v in users.items()}
+    return res
+
+
+def train_row_users(ds):
+    """Data-set user index of each leave_one_out training row (windows off:
+    one row per user with >= 2 items, in order)."""
+    return torch.tensor([u for u, s in enumerate(ds.sequences) if len(s) >= 2])
+
+
+def finetune(model, tcfg, split, ds, types, ref, epochs):
+    """Freezes the router's routes and fine-tunes the supernet on them.
+    Training rows take their user's validation route (the router on the
+    row's own input for a user without one); validation and test use the
+    routes the router gave before fine-tuning. Selects the epoch (0 = as
+    trained) on validation NDCG@10, tests once; returns a record."""
+    model.eval()
+    v_routes = route_distribution(model, split.valid)
+    t_routes = route_distribution(model, split.test)
+    tr = split.train
+    row_user = train_row_users(ds)
+    by_user = torch.full((len(ds.sequences),), -1, dtype=torch.int64)
+    by_user[split.valid.users] = v_routes
+    tr_routes = by_user[row_user]
+    missing = tr_routes < 0
+    if bool(missing.any()):
+        with torch.no_grad():
+            tr_routes[missing] = model.route(tr.items[missing], tr.lengths[missing]).routes
+    sel = tcfg.select_metric
+    val = eval_fixed(model, split.valid, v_routes, tcfg.ks, tcfg.mask_seen, ref)
+    best = {"epoch": 0, "valid": val[sel],
+            "state": {k: v.clone() for k, v in model.state_dict().items()}}
+    history = [{"epoch": 0, "valid_ndcg@10": val["ndcg@10"]}]
+    set_seed(tcfg.seed + 1000)
+    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad],
+                           lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    gen = torch.Generator().manual_seed(tcfg.seed + 1000)
+    secs = 0.0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        ce, nb = 0.0, 0
+        for idx in D.batches(len(tr), tcfg.batch_size, gen):
+            lengths = tr.lengths[idx]
+            L = int(lengths.max())
+            with shared_plans():
+                loss, st = model.loss(tr.items[idx, :L], lengths, tr.targets[idx, :L],
+                                      routes=tr_routes[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            if tcfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            opt.step()
+            ce += st["ce"]
+            nb += 1
+        secs += time.perf_counter() - t0
+        val = eval_fixed(model, split.valid, v_routes, tcfg.ks, tcfg.mask_seen, ref)
+        history.append({"epoch": epoch, "train_ce": ce / max(nb, 1),
+                        "valid_ndcg@10": val["ndcg@10"]})
+        if val[sel] > best["valid"]:
+            best = {"epoch": epoch, "valid": val[sel],
+                    "state": {k: v.clone() for k, v in model.state_dict().items()}}
+        print(f"    finetune epoch {epoch}: ce {ce / max(nb, 1):.4f} valid "
+              f"{val['ndcg@10']:.4f}{' *' if best['epoch'] == epoch else ''}", flush=True)
+    model.load_state_dict(best["state"])
+    model.eval()
+    test = eval_fixed(model, split.test, t_routes, tcfg.ks, tcfg.mask_seen, ref)
+    ratios = torch.tensor([f / ref.route_flops()[-1] for f in model.cfg.route_flops()],
+                          dtype=torch.float64)
+    vt = {int(u): int(r) for u, r in zip(split.valid.users, v_routes)}
+    same = sum(vt.get(int(u)) == int(r) for u, r in zip(split.test.users, t_routes))
+    return {"epochs": epochs, "best_epoch": best["epoch"], "valid_ndcg@10": best["valid"],
+            "valid_flop_ratio": float(ratios[v_routes].mean()),
+            "test_ndcg@10": test["ndcg@10"], "test_recall@10": test["recall@10"],
+            "flop_ratio": test["flop_ratio"], "routes_used": test["routes_used"],
+            "route_counts": test["route_counts"],
+            "flop_ratio_by_type": by_type(ratios[t_routes], types),
+            "ndcg@10_by_type": by_type(torch.tensor(test["per_user"]["ndcg@10"]), types),
+            "test_route_equals_valid_route_share": same / max(len(t_routes), 1),
+            "train_rows_routed_on_own_input": int(missing.sum()),
+            "history": history, "train_seconds": secs,
+            "per_user_ndcg@10": test["per_user"]["ndcg@10"]}
+
+
+def run_one(mcfg, tcfg, split, types, ref, probe=(), keep_model=False):
+    """Trains, then the test report with per-user values; returns a record
+    (and the model with `keep_model`)."""
     t0 = time.perf_counter()
     model, res = train(mcfg, tcfg, split, None, None, log=lambda *_: None)
     wall = time.perf_counter() - t0
@@ -132,15 +259,21 @@ def run_one(mcfg, tcfg, split, types, ref, probe=()):
             r: by_type(torch.tensor(evaluate(model, split.test, tcfg.ks, tcfg.mask_seen,
                                              route=r, per_user=True)["per_user"]["ndcg@10"]),
                        types) for r in probe}
-    return rec
+    return (rec, model) if keep_model else rec
 
 
 def main():
     a = parse()
+    if a.table and a.out is None:
+        a.out = os.path.join(ROOT, "benchmarks", "results", "accuracy", "router_ablation.json")
     if a.table:
         with open(a.out) as f:
             print(markdown(json.load(f)))
         return
+    if a.out is None:
+        a.out = os.path.join(ROOT, "benchmarks", "results", "accuracy",
+                             "router_ablation_finetune.json" if a.finetune_epochs
+                             else "router_ablation.json")
     torch.set_num_threads(a.threads)
     ds = D.synthetic(a.users, a.items, a.data_seed)
     split = D.leave_one_out(ds, DEMO_MODEL["max_len"])
@@ -160,7 +293,9 @@ def main():
         for group in ("runs", "static_runs", "dense"):
             for rec in slim[group].values():
                 rec.pop("per_user_ndcg@10", None)
-                rec.get("static", {}).pop("per_user_ndcg@10", None)
+                for sub in ("static", "finetuned", "static_finetuned",
+                            "static_same_total_epochs"):
+                    rec.get(sub, {}).pop("per_user_ndcg@10", None)
         summary(slim)
         with open(a.out, "w") as f:
             json.dump(slim, f, indent=2)
@@ -169,17 +304,19 @@ def main():
         return TrainConfig(epochs=a.epochs, patience=a.patience, batch_size=a.batch_size,
                            seed=seed, progress=False, **kw)
 
-    def static(seed, cap):
+    def static(seed, cap, epochs=None):
         """Best of the largest routes under `cap`, each trained alone."""
         tried = {}
         for r in routes_under(mcfg0, cap, a.static_candidates):
-            key = f"{seed}/{r}"
+            key = f"{seed}/{r}" if epochs is None else f"{seed}/{r}/ep{epochs}"
             # the file keeps no per-user values, which the bootstrap needs:
             # a static run read back from it is trained again (same result)
             if key not in report["static_runs"] or \
                     "per_user_ndcg@10" not in report["static_runs"][key]:
-                rec = run_one(single_route(mcfg0, r), base_train(seed, fixed_route=0),
-                              split, types, mcfg0)
+                tc = base_train(seed, fixed_route=0)
+                if epochs is not None:
+                    tc.epochs = epochs
+                rec = run_one(single_route(mcfg0, r), tc, split, types, mcfg0)
                 report["static_runs"][key] = dict(rec, route=r)
                 print(f"  static route {r} {mcfg0.routes()[r]}: valid "
                       f"{rec['valid_ndcg@10']:.4f} test {rec['test_ndcg@10']:.4f} "
@@ -201,8 +338,9 @@ def main():
                 continue
             v = VARIANTS[name]
             mcfg = CANetConfig.from_dict(dict(mcfg0.to_dict(), **v.get("model", {})))
-            rec = run_one(mcfg, base_train(seed, **v.get("train", {})), split, types, mcfg0,
-                          a.probe_routes)
+            tcfg = base_train(seed, **v.get("train", {}))
+            rec, model = run_one(mcfg, tcfg, split, types, mcfg0, a.probe_routes,
+                                 keep_model=True)
             rec["variant"], rec["seed"] = name, seed
             srec, cands = static(seed, rec["valid_flop_ratio"])
             rec["static"] = {k: srec[k] for k in ("route", "valid_ndcg@10", "test_ndcg@10",
@@ -213,6 +351,28 @@ def main():
             ratio = rec["test_ndcg@10"] / max(srec["test_ndcg@10"], 1e-12)
             rec["ndcg10_vs_static"] = {"ratio": ratio, "ci95": bootstrap_ratio(
                 rec["per_user_ndcg@10"], srec["per_user_ndcg@10"])}
+            if a.finetune_epochs:
+                ft = finetune(model, tcfg, split, ds, types, mcfg0, a.finetune_epochs)
+                rec["finetuned"] = ft
+                comps = {"static_finetuned": static(seed, ft["valid_flop_ratio"])[0]}
+                if seed in a.static_total_seeds:
+                    comps["static_same_total_epochs"] = static(
+                        seed, ft["valid_flop_ratio"], a.epochs + a.finetune_epochs)[0]
+                for cname, s2 in comps.items():
+                    r2 = ft["test_ndcg@10"] / max(s2["test_ndcg@10"], 1e-12)
+                    rec[cname] = {k: s2[k] for k in ("route", "valid_ndcg@10", "test_ndcg@10",
+                                                     "flop_ratio", "train_seconds",
+                                                     "best_epoch", "epochs_run",
+                                                     "ndcg@10_by_type")}
+                    rec[cname]["finetuned_vs_static"] = {
+                        "ratio": r2, "ci95": bootstrap_ratio(ft["per_user_ndcg@10"],
+                                                             s2["per_user_ndcg@10"])}
+                    ci = rec[cname]["finetuned_vs_static"]["ci95"]
+                    print(f"seed {seed} {name} finetuned (epoch {ft['best_epoch']}): valid "
+                          f"{ft['valid_ndcg@10']:.4f} test {ft['test_ndcg@10']:.4f} ratio "
+                          f"{ft['flop_ratio']:.3f} | {cname} route {s2['route']} "
+                          f"{s2['test_ndcg@10']:.4f} x{r2:.3f} [{ci[0]:.3f}-{ci[1]:.3f}]",
+                          flush=True)
             report["runs"][key] = rec
             t = rec["flop_ratio_by_type"]
             print(f"seed {seed} {name}: valid {rec['valid_ndcg@10']:.4f} test "
