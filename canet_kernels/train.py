@@ -222,29 +222,31 @@ def route_report(cfg: CANetConfig, routes, history_lengths, flop_ref=None) -> di
 COLLAPSE_SHARE = 0.9
 
 
-def route_summary(cfg: CANetConfig, counts) -> str:
-    """One line of an epoch's log: routes used and the largest share."""
+def _top_route(cfg: CANetConfig, counts) -> tuple:
+    """(route id, its share of the users, its name) of the largest route."""
     counts = torch.as_tensor(counts, dtype=torch.float64)
-    n = float(counts.sum())
     top = int(counts.argmax())
     emb, hid, depth = cfg.routes()[top]
-    return (f"routes used {int((counts > 0).sum())}, largest {counts[top] / max(n, 1):.0%} "
-            f"(route {top}: emb {emb}, hidden {hid}, depth {depth})")
+    share = float(counts[top]) / max(float(counts.sum()), 1.0)
+    return top, share, f"emb {emb}, hidden {hid}, depth {depth}"
+
+
+def route_summary(cfg: CANetConfig, counts) -> str:
+    """One line of an epoch's log: routes used and the largest share."""
+    top, share, name = _top_route(cfg, counts)
+    used = sum(1 for c in counts if c > 0)
+    return f"routes used {used}, largest {share:.0%} (route {top}: {name})"
 
 
 def collapse_warning(cfg: CANetConfig, counts, epoch=None):
     """Warns, naming the route, when one route takes > COLLAPSE_SHARE of
     the users."""
-    counts = torch.as_tensor(counts, dtype=torch.float64)
-    n = float(counts.sum())
-    top = int(counts.argmax())
-    if len(counts) > 1 and n and counts[top] / n > COLLAPSE_SHARE:
-        emb, hid, depth = cfg.routes()[top]
+    top, share, name = _top_route(cfg, counts)
+    if len(counts) > 1 and share > COLLAPSE_SHARE:
         when = f" at epoch {epoch}" if epoch is not None else ""
-        warnings.warn(f"route {top} (emb {emb}, hidden {hid}, depth {depth}) takes "
-                      f"{counts[top] / n:.0%} of the validation users{when}: the router "
-                      "sends (nearly) everyone down one route", RouteCollapseWarning,
-                      stacklevel=2)
+        warnings.warn(f"route {top} ({name}) takes {share:.0%} of the validation users"
+                      f"{when}: the router sends (nearly) everyone down one route",
+                      RouteCollapseWarning, stacklevel=2)
 
 
 class RouteCollapseWarning(UserWarning):
