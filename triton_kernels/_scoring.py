@@ -100,6 +100,16 @@ def stat_dtype(dtype):
 
 
 @triton.jit
+def row_block(r0, N, wid_ptr, BM: tl.constexpr):
+    """(int64 offsets, mask, widths, widest width) of the BM rows from r0."""
+    rows = r0 + tl.arange(0, BM)
+    rmask = rows < N
+    ro = rows.to(tl.int64)
+    wrow = tl.load(wid_ptr + ro, mask=rmask, other=0).to(tl.int32)
+    return ro, rmask, wrow, tl.max(wrow, 0)
+
+
+@triton.jit
 def logits_tile(h_ptr, s_hn, s_hk, wrow, rows, rmask, w_ptr, s_wv, s_wk, cols, cmask, kmax,
                 b_ptr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from ._common import acc_type, dot_precision, next_pow2
-from ._scoring import (Check, acc_dtype, blocks, items_per_split, logits_tile, splits,
-                       stat_dtype)
+from ._scoring import (Check, acc_dtype, blocks, items_per_split, logits_tile, row_block,
+                       splits, stat_dtype)
 
 
 @triton.jit
@@ -28,11 +28,7 @@ def _lse_kernel(h_ptr, s_hn, s_hk, wid_ptr, tgt_ptr, w_ptr, s_wv, s_wk, b_ptr,
                 BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     sp = tl.program_id(1)
-    rows = pid * BM + tl.arange(0, BM)
-    rmask = rows < N
-    ro = rows.to(tl.int64)
-    wrow = tl.load(wid_ptr + ro, mask=rmask, other=0).to(tl.int32)
-    kmax = tl.max(wrow, 0)
+    ro, rmask, wrow, kmax = row_block(pid * BM, N, wid_ptr, BM)
     tgt = tl.load(tgt_ptr + ro, mask=rmask, other=-1).to(tl.int64)
     m = tl.full([BM], float("-inf"), ACC)
     s = tl.zeros([BM], dtype=ACC)
@@ -75,11 +71,7 @@ def _grad_h_kernel(h_ptr, s_hn, s_hk, wid_ptr, tgt_ptr, lse_ptr, sc_ptr,
                    PREC: tl.constexpr):
     pid = tl.program_id(0)
     sp = tl.program_id(1)
-    rows = pid * BM + tl.arange(0, BM)
-    rmask = rows < N
-    ro = rows.to(tl.int64)
-    wrow = tl.load(wid_ptr + ro, mask=rmask, other=0).to(tl.int32)
-    kmax = tl.max(wrow, 0)
+    ro, rmask, wrow, kmax = row_block(pid * BM, N, wid_ptr, BM)
     tgt = tl.load(tgt_ptr + ro, mask=rmask, other=-1).to(tl.int64)
     lse = tl.load(lse_ptr + ro, mask=rmask, other=0.0).to(ACC)
     scale = tl.load(sc_ptr + ro, mask=rmask, other=0.0).to(ACC)
@@ -117,11 +109,7 @@ def _grad_w_kernel(h_ptr, s_hn, s_hk, wid_ptr, tgt_ptr, lse_ptr, sc_ptr,
     dw = tl.zeros([BN, BD], dtype=ACC)
     db = tl.zeros([BN], dtype=ACC)
     for r0 in range(0, N, BM):
-        rows = r0 + tl.arange(0, BM)
-        rmask = rows < N
-        ro = rows.to(tl.int64)
-        wrow = tl.load(wid_ptr + ro, mask=rmask, other=0).to(tl.int32)
-        kmax = tl.max(wrow, 0)
+        ro, rmask, wrow, kmax = row_block(r0, N, wid_ptr, BM)
         tgt = tl.load(tgt_ptr + ro, mask=rmask, other=-1).to(tl.int64)
         lse = tl.load(lse_ptr + ro, mask=rmask, other=0.0).to(ACC)
         scale = tl.load(sc_ptr + ro, mask=rmask, other=0.0).to(ACC)

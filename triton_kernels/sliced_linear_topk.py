@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from ._common import acc_type, dot_precision
-from ._scoring import Check, acc_dtype, blocks, items_per_split, logits_tile, splits
+from ._scoring import (Check, acc_dtype, blocks, items_per_split, logits_tile, row_block,
+                       splits)
 
 
 @triton.jit
@@ -28,11 +29,7 @@ def _topk_kernel(h_ptr, s_hn, s_hk, wid_ptr, w_ptr, s_wv, s_wk, b_ptr,
                  PREC: tl.constexpr):
     pid = tl.program_id(0)
     sp = tl.program_id(1)
-    rows = pid * BM + tl.arange(0, BM)
-    rmask = rows < N
-    ro = rows.to(tl.int64)
-    wrow = tl.load(wid_ptr + ro, mask=rmask, other=0).to(tl.int32)
-    kmax = tl.max(wrow, 0)
+    ro, rmask, wrow, kmax = row_block(pid * BM, N, wid_ptr, BM)
     NONE = V  # the id of an empty slot: after every real id
     slots = tl.arange(0, KP)
     run_v = tl.full([BM, KP], float("-inf"), ACC)
