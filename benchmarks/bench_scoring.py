@@ -5,6 +5,7 @@ backward) and full-ranking top-k evaluation, at several item counts.
     python benchmarks/bench_scoring.py [--items 12000,100000,1000000]
         [--threads 2] [--rounds 5] [--tag run1] [--out benchmarks/results/scoring]
     python benchmarks/bench_scoring.py --device cuda [--dtype bfloat16] [--deadline 50]
+    python benchmarks/bench_scoring.py --providers fused,gemm,plain [--gemm-chunk 8192]
 
 Training batch: `--batch` x `--seq-len` scored positions (256 x 50 = 12800
 rows), each sample at a width from `--widths` (64, 96, 128; rows of one
@@ -12,12 +13,18 @@ sample share it, the batch route-sorted so equal widths are contiguous, as
 canet packs it), hidden size D 128, item table [V, 128] plus a bias, every
 position labelled.
   fused: canet.sliced_linear_cross_entropy(h, widths, W, b, targets), backward
+  gemm:  canet_kernels.scoring_gemm.cross_entropy(h, widths, W, b, targets,
+         chunk_size=--gemm-chunk), backward: the same loss by torch.mm
+         (cuBLAS) over chunks of items (not in the default --providers)
   plain: F.cross_entropy(F.linear(h * mask, W, b), targets), backward; h is
          zeroed beyond each row's width, so it is the same loss at full width
 Evaluation: `--eval-rows` rows (256), top `--k` (10) with the padding item 0
 and `--seen` (50) seen items per row excluded.
   fused: canet.sliced_linear_topk(h, widths, W, b, k, exclude=seen)
+  gemm:  canet_kernels.scoring_gemm.topk(h, widths, W, b, k, --gemm-chunk, seen)
   plain: F.linear, scatter -inf into the seen items, torch.topk
+Every provider but plain is checked against plain on the batch first (the
+loss, or the top-k values).
 
 Memory: each (case, provider) runs once in a fresh subprocess, which builds
 its inputs, runs a small warm-up call (thread pools, BLAS buffers), resets
@@ -82,6 +89,8 @@ def parse(argv=None):
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--seen", type=int, default=50)
     ap.add_argument("--chunk", type=int, default=4096, help="canet's chunk_size")
+    ap.add_argument("--gemm-chunk", type=int, default=8192,
+                    help="items per product of the gemm provider (its chunk_size)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"),
@@ -181,7 +190,24 @@ def plain_fn(c):
     return evaluate
 
 
-PROVIDERS = {"fused": fused_fn, "plain": plain_fn}
+def gemm_fn(c):
+    from canet_kernels import scoring_gemm
+    if c.mode == "train":
+        def step():
+            loss = scoring_gemm.cross_entropy(c.h, c.widths, c.W, c.b, c.targets, -100,
+                                              c.args.gemm_chunk)
+            loss.backward()
+            c.h.grad = c.W.grad = c.b.grad = None
+            return loss.detach()
+        return step
+
+    def evaluate():
+        return scoring_gemm.topk(c.h, c.widths, c.W, c.b, c.args.k, c.args.gemm_chunk,
+                                 c.exclude)
+    return evaluate
+
+
+PROVIDERS = {"fused": fused_fn, "gemm": gemm_fn, "plain": plain_fn}
 
 
 def plain_estimate(args, mode, V):
@@ -249,7 +275,7 @@ def child_memory(args, spec):
 def measure_memory(args, mode, V, provider):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{mode}:{V}:{provider}"]
     for name in ("batch", "seq_len", "dim", "widths", "eval_rows", "k", "seen", "chunk",
-                 "threads", "seed", "dtype"):
+                 "gemm_chunk", "threads", "seed", "dtype"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     env = dict(os.environ, CANET_BENCH_DEFAULT_MALLOC="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -275,22 +301,28 @@ def measure_time(fns, rounds):
             for n, s in samples.items()}
 
 
-def check_agree(case, fns):
-    """The fused op computes what plain PyTorch does on this batch, within the
+def check_agree(case, fns, provider):
+    """`provider` computes what plain PyTorch does on this batch, within the
     rounding of --dtype (plain's bf16 loss and logits carry ~3 digits)."""
     half = case.h.dtype in (torch.float16, torch.bfloat16)
     with grad_mode(case.mode):
         if case.mode == "train":
-            a, b = fns["fused"]().float().item(), fns["plain"]().float().item()
+            a, b = fns[provider]().float().item(), fns["plain"]().float().item()
             err, tol = abs(a - b) / abs(b), (2e-2 if half else 1e-4)
             return {"loss_rel_err": err, "tol": tol, "ok": err < tol,
-                    "why": f"loss differs: fused {a} plain {b}"}
-        (va, ia), (vb, ib) = fns["fused"](), fns["plain"]()
+                    "why": f"loss differs: {provider} {a} plain {b}"}
+        (va, ia), (vb, ib) = fns[provider](), fns["plain"]()
         va, vb = va.float(), vb.float()
         err = (va - vb).abs().max().item()
         tol = 5e-2 * max(1.0, vb.abs().max().item()) if half else 1e-3
         return {"topk_value_max_err": err, "topk_index_agree": (ia == ib).float().mean().item(),
-                "tol": tol, "ok": err < tol, "why": f"top-k values differ by {err}"}
+                "tol": tol, "ok": err < tol,
+                "why": f"top-k values differ by {err} ({provider} vs plain)"}
+
+
+def agreeing(fns):
+    """The providers to check against plain (all others, where plain runs)."""
+    return [p for p in fns if p != "plain"] if "plain" in fns else []
 
 
 def grad_mode(mode):
@@ -314,11 +346,11 @@ def cpu_case(args, mode, V, provs, row):
         return
     case = Case(args, mode, V)
     fns = {p: PROVIDERS[p](case) for p in provs if fits(args, p, mode, V)}
-    if len(fns) == 2:
-        agree = check_agree(case, fns)
+    for p in agreeing(fns):
+        agree = check_agree(case, fns, p)
         why = agree.pop("why")
         assert agree["ok"], why
-        row["fused"]["agreement_with_plain"] = agree
+        row[p]["agreement_with_plain"] = agree
     rounds = args.big_rounds if (mode == "train" and V >= 500_000) else args.rounds
     with grad_mode(mode):
         t = measure_time(fns, rounds)
@@ -363,12 +395,12 @@ def inproc_case(args, mode, V, provs, row):
             row[p]["memory"] = {"not_run": failure(e)}
             free(case)
         print(f"[warm-up] {mode} V={V} {p}: {row[p].get('memory', 'ok')}", flush=True)
-    if len(fns) == 2:
-        agree = check_agree(case, fns)
+    for p in agreeing(fns):
+        agree = check_agree(case, fns, p)
         why = agree.pop("why")
         if not agree["ok"]:  # report, do not lose the rest of a short GPU run
             print(f"WARNING {mode} V={V}: {why}", flush=True)
-        row["fused"]["agreement_with_plain"] = agree
+        row[p]["agreement_with_plain"] = agree
     grads = case.grad_bytes() if mode == "train" else 0
     if not args.skip_memory:
         for p in list(fns):
@@ -418,7 +450,7 @@ def write_json(path, meta, rows):
 def print_table(rows):
     by_key = {(r["mode"], r["items"], r["provider"]): r for r in rows}
     print()
-    print("| step | items | provider | time (median ms) | fused / plain | peak memory added (MB) "
+    print("| step | items | provider | time (median ms) | time / plain | peak memory added (MB) "
           "| net of gradients (MB) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -426,7 +458,7 @@ def print_table(rows):
         t = r.get("time")
         plain_t = by_key.get((r["mode"], r["items"], "plain"), {}).get("time")
         ratio = (f"{t['median_ms'] / plain_t['median_ms']:.2f}"
-                 if r["provider"] == "fused" and t and plain_t else "")
+                 if r["provider"] != "plain" and t and plain_t else "")
         if "skipped" in r:
             tm, peak, net = f"skipped: {r['skipped']}", "-", "-"
         else:

@@ -13,6 +13,7 @@
 #      skips the compiled variants not built in time, and the JSON is
 #      rewritten after each scenario
 #   4. benchmarks/bench_scoring.py --device cuda: the chunked scoring ops
+#      (fused Triton kernels, and canet_kernels.scoring_gemm's cuBLAS chunks)
 #      against plain PyTorch at 12k, 100k and 1M items, bf16
 #   5. compute-sanitizer --tool memcheck over the GPU tests' small mixed-route
 #      cases of every kernel, forward and backward: once with every op on
@@ -94,8 +95,8 @@ LEFT=$(( BUDGET - ($(date +%s) - START) - 110 ))
 step bench_triton "$LEFT" "$PY" benchmarks/bench_triton.py --profile \
     --deadline $(( LEFT > 120 ? LEFT - 60 : LEFT / 2 )) \
     ${BENCH_TRITON_ARGS:-} --json "$OUT/triton.json"
-step bench_scoring 70 "$PY" benchmarks/bench_scoring.py --device cuda --tag gpu \
-    --out "$OUT" --deadline 50 --mem-limit-gb 100
+step bench_scoring 90 "$PY" benchmarks/bench_scoring.py --device cuda --tag gpu \
+    --providers fused,gemm,plain --out "$OUT" --deadline 70 --mem-limit-gb 100
 
 SAN="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
 # the 200k-item memory test and the whole-model test add minutes under the
