@@ -20,8 +20,13 @@ model selected on validation and tested once. Models (--models):
             the same FLOP cap chosen on validation
 FLOP ratios are always against the max route of the full routing space.
 Every run's JSON has its route distribution and the mean FLOP ratio per
-quartile of history length; CANet against the others gets a paired
-bootstrap 95% interval of the NDCG@10 ratio over test users. Targets: CANet
+quartile of history length; CANet's also per quartile of the dense model's
+test loss on each user (does the route follow how hard the user is?) and the
+router's logit spread across users against between routes (a router that
+learned a prior over routes has the first near 0). CANet against the others
+gets a paired bootstrap 95% interval of the NDCG@10 ratio over test users.
+The router switches of CANetConfig are options (--balance, --guide-signal,
+...); --dense-from reuses a finished dense run, which they do not change. Targets: CANet
 NDCG@10 >= 0.99 x dense with >= 55% fewer routed FLOPs, and >= 1.02 x static.
 Results and commands of the runs made so far:
 benchmarks/results/accuracy/README.md.
@@ -43,6 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from canet_kernels import data as D  # noqa: E402
 from canet_kernels.cli import route_table  # noqa: E402
@@ -50,8 +56,9 @@ from canet_kernels.metrics import format_metrics  # noqa: E402
 from canet_kernels.model import CANetConfig  # noqa: E402
 from canet_kernels.options import (MODEL_OPTIONS, TRAIN_OPTIONS, add_options,  # noqa: E402
                                    from_options)
-from canet_kernels.train import (TrainConfig, evaluate, protocol,  # noqa: E402
-                                  time_inference, train)
+from canet_kernels.train import (TrainConfig, eval_batches, evaluate,  # noqa: E402
+                                 load_model, logit_spread, protocol, quartile_means,
+                                 route_flop_ratios, router_logits, time_inference, train)
 
 
 KINDS = ("dense", "canet", "static", "supernet")
@@ -77,6 +84,10 @@ def parse():
                    help="cut long training histories into several examples")
     p.add_argument("--limit-users", type=int, default=None, help="first N users (smoke runs)")
     p.add_argument("--skip-dense", action="store_true")
+    p.add_argument("--dense-from", default=None, metavar="RUN_DIR",
+                   help="dense: read the finished dense run of each data set from this "
+                        "--run-dir (its best weights, tested again) instead of training "
+                        "it; the routing switches do not change the dense model")
     p.add_argument("--run-dir", default=os.path.join(ROOT, "runs", "accuracy_real"))
     p.add_argument("--resume", action="store_true")
     p.add_argument("--out", default=os.path.join(ROOT, "results", "accuracy_real.json"))
@@ -109,6 +120,23 @@ def routes_under(mcfg, cap, n):
     return sorted(ok, key=lambda r: -ratios[r])[:n]
 
 
+@torch.no_grad()
+def target_losses(model, es, route, batch_size=256):
+    """Cross-entropy of each user's target under `route` [U] (eval mode,
+    padding id excluded): how hard the user is for that model."""
+    was = model.training
+    model.eval()
+    out, start = [], 0
+    for items, lengths in eval_batches(es, batch_size):
+        scores, _ = model(items, lengths, model.fixed_routes(len(lengths), route))
+        scores[:, 0] = float("-inf")
+        targets = es.targets[start:start + len(lengths)]
+        out.append(F.cross_entropy(scores.float(), targets, reduction="none"))
+        start += len(lengths)
+    model.train(was)
+    return torch.cat(out)
+
+
 def run(a, kind, mcfg, tcfg, split, out, source, ref):
     """Trains one model and returns (model, results with test metrics
     per user, FLOP ratios against `ref`)."""
@@ -139,18 +167,31 @@ def main():
         split = D.leave_one_out(ds, a.max_len, windows=a.windows)
         mcfg = from_options(CANetConfig, a, MODEL_OPTIONS, n_items=ds.n_items)
         base = from_options(TrainConfig, a, TRAIN_OPTIONS)
-        runs, cap = {}, a.static_max_ratio
+        runs, models, cap = {}, {}, a.static_max_ratio
         for kind in kinds:
             print(f"--- {name}: {kind}")
             out = os.path.join(a.run_dir, name, kind)
-            if kind in ("dense", "canet"):
+            if kind == "dense" and a.dense_from:
+                src = os.path.join(a.dense_from, name, "dense")
+                model, _ = load_model(src)
+                with open(os.path.join(src, "results.json")) as f:
+                    res = json.load(f)
+                res["test"] = evaluate(model, split.test, base.ks, base.mask_seen,
+                                       route=mcfg.max_route, flop_ref=mcfg, per_user=True)
+                res["read_from"] = src
+                models[kind] = model
+            elif kind in ("dense", "canet"):
                 tcfg = TrainConfig.from_dict(dict(
                     base.to_dict(), warmup_epochs=base.warmup_epochs if kind == "canet" else 0,
                     fixed_route=mcfg.max_route if kind == "dense" else None))
                 model, res = run(a, kind, mcfg, tcfg, split, out, ds.source, mcfg)
+                models[kind] = model
                 if kind == "canet":
                     cap = res["valid"]["flop_ratio"]
+                    res["logit_spread"] = logit_spread(router_logits(model, split.test))
                     print(route_table(mcfg, res["test"]["route_counts"]))
+                    print("router logit spread across users {across_users:.3f}, between "
+                          "routes {between_routes:.3f}".format(**res["logit_spread"]))
             elif kind == "supernet":
                 tcfg = TrainConfig.from_dict(dict(base.to_dict(), warmup_epochs=base.epochs,
                                                   eval_route=mcfg.max_route))
@@ -205,6 +246,14 @@ def main():
                       f"{ci[0]:.3f}-{ci[1]:.3f}); FLOP ratios {cn['flop_ratio']:.3f} vs "
                       f"{on['flop_ratio']:.3f}")
             if "dense" in runs:
+                # does the route follow how hard the user is for the dense model?
+                loss = target_losses(models["dense"], split.test, mcfg.max_route)
+                ratios = torch.tensor(route_flop_ratios(mcfg), dtype=torch.float64)
+                by_loss = quartile_means(ratios[torch.tensor(cn["per_user"]["routes"])], loss)
+                entry["canet_flop_ratio_by_dense_loss_quartile"] = by_loss
+                print(f"{name}: CANet FLOP ratio by quartile of the dense model's test "
+                      "loss (easiest first): " + " / ".join(
+                          "-" if v is None else f"{v:.3f}" for v in by_loss["mean"]))
                 r = entry["ndcg10_ratio_vs_dense"]["ratio"]
                 entry["meets_dense_target"] = bool(r >= 0.99 and cn["flop_ratio"] <= 0.45)
         report["datasets"][name] = entry

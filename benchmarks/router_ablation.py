@@ -54,7 +54,8 @@ from canet_kernels.metrics import MetricAccumulator, full_ranking  # noqa: E402
 from canet_kernels.model import CANetConfig  # noqa: E402
 from canet_kernels.ops import shared_plans  # noqa: E402
 from canet_kernels.train import (TrainConfig, evaluate, route_distribution,  # noqa: E402
-                                 route_report, router_logits, set_seed, train)
+                                 logit_spread, route_report, router_logits, set_seed,
+                                 train)
 
 # One change each against "default" (model = CANetConfig, train = TrainConfig).
 VARIANTS = {
@@ -106,19 +107,6 @@ def parse():
     p.add_argument("--table", action="store_true",
                    help="print the markdown table of the runs in --out and exit")
     return p.parse_args()
-
-
-def logit_spread(logits):
-    """How much the router is a function of the user. Logits [U, R] are
-    centred per user (softmax ignores a per-user shift); `across_users` is
-    the mean over routes of each route's std over users, `between_routes`
-    the std over routes of their mean logit. A prior over routes has the
-    first near 0."""
-    z = logits.double() - logits.double().mean(1, keepdim=True)
-    across = float(z.std(0).mean())
-    between = float(z.mean(0).std())
-    return {"across_users": across, "between_routes": between,
-            "ratio": across / between if between > 0 else float("inf")}
 
 
 def by_type(values, types):

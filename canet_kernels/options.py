@@ -15,7 +15,9 @@ from dataclasses import MISSING, fields
 
 MODEL_OPTIONS = ("max_len", "emb_widths", "hidden_widths", "depths", "num_heads",
                  "dropout", "flop_target", "budget_weight", "guide_weight",
-                 "uniform_weight", "residual_scale_init", "tie_embeddings")
+                 "uniform_weight", "residual_scale_init", "tie_embeddings",
+                 "guide_signal", "guide_labels", "balance", "tau_end", "noise_end",
+                 "budget_shape", "router_stats", "distill")
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "path",
                  "eval_every", "patience", "mask_seen", "calibrate_flops",
                  "spend_budget", "warmup_epochs", "router_mode", "router_candidates",
@@ -29,6 +31,20 @@ HELP = {
     "residual_scale_init": "learnable scale on each sublayer output, initialised to "
                            "this (lets deep routes train); <= 0: plain post-LN",
     "tie_embeddings": "score items against the input item table",
+    "guide_signal": "train: the guide reads the last training target; holdout: that "
+                    "target is left out of the CE and the guide reads it",
+    "guide_labels": "small: a smallest-route miss labels the user large; sandwich: "
+                    "a user the max route also misses is labelled small",
+    "balance": "kl: KL(batch-mean router distribution || uniform); switch: Switch "
+               "Transformer load balancing on the hard routes; mi: kl + mean "
+               "per-user entropy (spread routes, confident per user)",
+    "tau_end": "Gumbel temperature annealed from tau to this over the epochs",
+    "noise_end": "Gumbel noise scale annealed from 1 to this over the epochs",
+    "budget_shape": "relu: only a batch above --flop-target pays; two_sided: "
+                    "|E[ratio] - target|",
+    "router_stats": "the router also reads log history length and the share of "
+                    "distinct items",
+    "distill": "weight of in-place distillation from the max route (0 = off)",
     "path": "routed: canet ops on a route-sorted packed batch; masked: full width "
             "with masks (the paper's formulation)",
     "patience": "evaluations without improvement before stopping (default: none)",
@@ -47,7 +63,9 @@ HELP = {
               "LOCAL_RANK GPU)",
 }
 ALIASES = {"num_heads": ("--heads",)}
-CHOICES = {"path": ("routed", "masked"), "router_mode": ("canet", "value")}
+CHOICES = {"path": ("routed", "masked"), "router_mode": ("canet", "value"),
+           "guide_signal": ("train", "holdout"), "guide_labels": ("small", "sandwich"),
+           "balance": ("kl", "switch", "mi"), "budget_shape": ("relu", "two_sided")}
 
 
 def _ints(s):

@@ -203,18 +203,26 @@ def route_report(cfg: CANetConfig, routes, history_lengths, flop_ref=None) -> di
     n = max(int(counts.sum()), 1)
     ratios = torch.tensor(route_flop_ratios(cfg, flop_ref), dtype=torch.float64)
     per_user = ratios[routes]
-    hl = history_lengths.to(torch.float64)
-    q = torch.quantile(hl, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)) \
-        if len(hl) else torch.zeros(3, dtype=torch.float64)
-    bins = torch.bucketize(hl, q, right=True)                      # 0..3
-    by_q = [float(per_user[bins == i].mean()) if bool((bins == i).any()) else None
-            for i in range(4)]
     return {"flop_ratio": float(per_user.mean()) if len(per_user) else 0.0,
             "route_counts": counts.tolist(),
             "routes_used": int((counts > 0).sum()),
             "routes_over_5pct": int((counts >= 0.05 * n).sum()),
             "largest_share": float(counts.max()) / n if len(routes) else 0.0,
-            "flop_ratio_by_length_quartile": {"upper_bounds": q.tolist(), "mean": by_q}}
+            "flop_ratio_by_length_quartile": quartile_means(per_user, history_lengths)}
+
+
+def quartile_means(values, keys) -> dict:
+    """Mean of per-user `values` [U] within each quartile of `keys` [U]
+    (lowest keys first; None for an empty quartile), and the quartiles'
+    upper bounds."""
+    keys = torch.as_tensor(keys).to(torch.float64)
+    values = torch.as_tensor(values).to(torch.float64)
+    q = torch.quantile(keys, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)) \
+        if len(keys) else torch.zeros(3, dtype=torch.float64)
+    bins = torch.bucketize(keys, q, right=True)                    # 0..3
+    return {"upper_bounds": q.tolist(),
+            "mean": [float(values[bins == i].mean()) if bool((bins == i).any()) else None
+                     for i in range(4)]}
 
 
 # A router that sends more than this share of users down one route has
@@ -269,6 +277,19 @@ def eval_batches(es: EvalSet, batch_size=256, device=None):
 def router_logits(model: CANet, es: EvalSet, batch_size=256):
     """Router logits [U, R] of every user of `es` (eval mode)."""
     return model.router_logits(eval_batches(es, batch_size, _device(model)))
+
+
+def logit_spread(logits) -> dict:
+    """How much the router is a function of the user. Logits [U, R] are
+    centred per user (softmax ignores a per-user shift); `across_users` is
+    the mean over routes of each route's std over users, `between_routes`
+    the std over routes of their mean logit. A prior over routes has the
+    first near 0."""
+    z = logits.double() - logits.double().mean(1, keepdim=True)
+    across = float(z.std(0).mean()) if len(z) > 1 else 0.0
+    between = float(z.mean(0).std())
+    return {"across_users": across, "between_routes": between,
+            "ratio": across / between if between > 0 else float("inf")}
 
 
 def calibrate(model: CANet, es: EvalSet, batch_size=256, spend: bool = False,

@@ -252,3 +252,17 @@ def test_eval_with_and_without_seen_masking(trained, capsys, tmp_path):
     assert got[None]["ndcg@10"] == res["test"]["ndcg@10"]
     assert got["--no-mask-seen"] == got[None]
     assert got["--mask-seen"]["ndcg@10"] != got[None]["ndcg@10"]
+
+
+def test_router_switches_reach_the_config(tmp_path, capsys):
+    out = str(tmp_path / "switches")
+    rc, _, _ = run_cli(["train", *TINY, "--epochs", "1", "--balance", "mi", "--noise-end", "0",
+                        "--guide-signal", "holdout", "--distill", "0.5", "--out", out], capsys)
+    assert rc == 0
+    with open(os.path.join(out, "config.json")) as f:
+        model = json.load(f)["model"]
+    assert (model["balance"], model["noise_end"], model["guide_signal"], model["distill"]) \
+        == ("mi", 0.0, "holdout", 0.5)
+    with pytest.raises(SystemExit):      # argparse names the bad value
+        cli.main(["train", *TINY, "--balance", "entropy", "--out", out])
+    assert "--balance" in capsys.readouterr().err
