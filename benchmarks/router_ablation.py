@@ -34,6 +34,16 @@ the fine-tuned run's FLOP ratio; --static-total-seeds also trains it for the
 same total epochs (--epochs + N) on those seeds.
 
     python benchmarks/router_ablation.py --variants default --finetune-epochs 10
+
+With --refit the frozen routes train a freshly initialised supernet for
+--finetune-epochs (the router is kept), against static routes trained for
+--finetune-epochs. --oracle SIMPLE COMPLEX trains a supernet with no router,
+every simple user on route SIMPLE and every complex user on COMPLEX, against
+the static route of its cost: what weight-shared sub-networks give when the
+routes are right and stay fixed.
+
+    python benchmarks/router_ablation.py --variants default --epochs 40 --finetune-epochs 40 --refit
+    python benchmarks/router_ablation.py --oracle 0 29 --variants
 """
 from __future__ import annotations
 
@@ -51,7 +61,7 @@ import torch  # noqa: E402
 from benchmarks.accuracy_real import bootstrap_ratio, routes_under, single_route  # noqa: E402
 from canet_kernels import data as D  # noqa: E402
 from canet_kernels.metrics import MetricAccumulator, full_ranking  # noqa: E402
-from canet_kernels.model import CANetConfig  # noqa: E402
+from canet_kernels.model import CANet, CANetConfig  # noqa: E402
 from canet_kernels.ops import shared_plans  # noqa: E402
 from canet_kernels.train import (TrainConfig, evaluate, route_distribution,  # noqa: E402
                                  logit_spread, route_report, router_logits, set_seed,
@@ -71,6 +81,9 @@ VARIANTS = {
     "warmup": {"train": {"warmup_epochs": 5}},
     "value_router": {"train": {"router_mode": "value", "warmup_epochs": 5}},
     "inplace_distill": {"model": {"distill": 1.0}},
+    # the setting chosen on LastFM's validation users (seed 0) for routes that
+    # spread over users: Switch balancing weighted 3 instead of 0.01
+    "switch_balance_3": {"model": {"balance": "switch", "uniform_weight": 3.0}},
 }
 
 # The `canet demo` settings (cli.py), so the data and model are the demo's.
@@ -80,7 +93,8 @@ DEMO_MODEL = dict(emb_widths=(32, 48, 64), hidden_widths=(32, 48, 64), depths=(1
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="router variants to run (none: only --dense / --oracle)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--users", type=int, default=1500)
     p.add_argument("--items", type=int, default=400)
@@ -96,6 +110,14 @@ def parse():
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="fine-tune each CANet supernet this many epochs on the frozen "
                         "router's fixed per-user routes (see the module docstring)")
+    p.add_argument("--oracle", nargs=2, type=int, default=None, metavar=("SIMPLE", "COMPLEX"),
+                   help="also train, per seed, a fresh supernet with every simple user on "
+                        "route SIMPLE and every complex user on route COMPLEX (no router), "
+                        "against the static route of its cost")
+    p.add_argument("--refit", action="store_true",
+                   help="with --finetune-epochs: train a freshly initialised supernet on "
+                        "the frozen routes (the router is kept) instead of fine-tuning; "
+                        "its static comparator is trained for --finetune-epochs")
     p.add_argument("--static-total-seeds", nargs="*", type=int, default=[],
                    help="with --finetune-epochs: on these seeds also train the static "
                         "comparator for --epochs + --finetune-epochs epochs")
@@ -144,8 +166,9 @@ def train_row_users(ds):
     return torch.tensor([u for u, s in enumerate(ds.sequences) if len(s) >= 2])
 
 
-def finetune(model, tcfg, split, ds, types, ref, epochs):
-    """Freezes the router's routes and fine-tunes the supernet on them.
+def finetune(model, tcfg, split, ds, types, ref, epochs, refit=False):
+    """Freezes the router's routes and fine-tunes the supernet on them
+    (`refit`: a freshly initialised supernet is trained on them instead).
     Training rows take their user's validation route (the router on the
     row's own input for a user without one); validation and test use the
     routes the router gave before fine-tuning. Selects the epoch (0 = as
@@ -153,6 +176,9 @@ def finetune(model, tcfg, split, ds, types, ref, epochs):
     model.eval()
     v_routes = route_distribution(model, split.valid)
     t_routes = route_distribution(model, split.test)
+    if refit:  # the routes were taken above; only the router's weights stay
+        set_seed(tcfg.seed + 2000)
+        model.net.load_state_dict(type(model)(model.cfg).net.state_dict())
     tr = split.train
     row_user = train_row_users(ds)
     by_user = torch.full((len(ds.sequences),), -1, dtype=torch.int64)
@@ -162,6 +188,36 @@ def finetune(model, tcfg, split, ds, types, ref, epochs):
     if bool(missing.any()):
         with torch.no_grad():
             tr_routes[missing] = model.route(tr.items[missing], tr.lengths[missing]).routes
+    rec = train_on_routes(model, tcfg, split, tr_routes, v_routes, t_routes, types, ref,
+                          epochs)
+    vt = {int(u): int(r) for u, r in zip(split.valid.users, v_routes)}
+    same = sum(vt.get(int(u)) == int(r) for u, r in zip(split.test.users, t_routes))
+    rec["test_route_equals_valid_route_share"] = same / max(len(t_routes), 1)
+    rec["train_rows_routed_on_own_input"] = int(missing.sum())
+    return rec
+
+
+def oracle(mcfg, tcfg, split, ds, types, ref, routes):
+    """A fresh supernet trained with each user on the route of its kind
+    (`routes` = (simple users' route, complex users' route)), no router:
+    what the supernet gives when the routes are right and never change."""
+    set_seed(tcfg.seed)
+    model = CANet(mcfg)
+    kind = torch.as_tensor(ds.user_types)
+    by_user = torch.where(kind == 0, routes[0], routes[1])
+    rec = train_on_routes(model, tcfg, split, by_user[train_row_users(ds)],
+                          by_user[split.valid.users], by_user[split.test.users], types, ref,
+                          tcfg.epochs)
+    rec["routes"] = list(routes)
+    return rec
+
+
+def train_on_routes(model, tcfg, split, tr_routes, v_routes, t_routes, types, ref, epochs):
+    """Trains the supernet with every training row, validation and test user
+    on a given route (the router is not used), for `epochs` with a fresh
+    Adam; selects the epoch (0 = as given) on validation NDCG@10 and tests
+    once. Returns a record."""
+    tr = split.train
     sel = tcfg.select_metric
     val = eval_fixed(model, split.valid, v_routes, tcfg.ks, tcfg.mask_seen, ref)
     best = {"epoch": 0, "valid": val[sel],
@@ -203,8 +259,6 @@ def finetune(model, tcfg, split, ds, types, ref, epochs):
     test = eval_fixed(model, split.test, t_routes, tcfg.ks, tcfg.mask_seen, ref)
     ratios = torch.tensor([f / ref.route_flops()[-1] for f in model.cfg.route_flops()],
                           dtype=torch.float64)
-    vt = {int(u): int(r) for u, r in zip(split.valid.users, v_routes)}
-    same = sum(vt.get(int(u)) == int(r) for u, r in zip(split.test.users, t_routes))
     return {"epochs": epochs, "best_epoch": best["epoch"], "valid_ndcg@10": best["valid"],
             "valid_flop_ratio": float(ratios[v_routes].mean()),
             "test_ndcg@10": test["ndcg@10"], "test_recall@10": test["recall@10"],
@@ -212,8 +266,6 @@ def finetune(model, tcfg, split, ds, types, ref, epochs):
             "route_counts": test["route_counts"],
             "flop_ratio_by_type": by_type(ratios[t_routes], types),
             "ndcg@10_by_type": by_type(torch.tensor(test["per_user"]["ndcg@10"]), types),
-            "test_route_equals_valid_route_share": same / max(len(t_routes), 1),
-            "train_rows_routed_on_own_input": int(missing.sum()),
             "history": history, "train_seconds": secs,
             "per_user_ndcg@10": test["per_user"]["ndcg@10"]}
 
@@ -268,17 +320,17 @@ def main():
     types = torch.as_tensor(ds.user_types)[split.test.users]
     mcfg0 = CANetConfig(n_items=ds.n_items, **DEMO_MODEL)
     report = {"settings": vars(a), "data": ds.source, "model": mcfg0.to_dict(),
-              "runs": {}, "static_runs": {}, "dense": {}}
+              "runs": {}, "static_runs": {}, "dense": {}, "oracle": {}}
     if a.resume and os.path.exists(a.out):
         with open(a.out) as f:
             old = json.load(f)
-        for k in ("runs", "static_runs", "dense"):
+        for k in ("runs", "static_runs", "dense", "oracle"):
             report[k] = old.get(k, {})
 
     def save():
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         slim = json.loads(json.dumps(report))       # per-user lists stay out of the file
-        for group in ("runs", "static_runs", "dense"):
+        for group in ("runs", "static_runs", "dense", "oracle"):
             for rec in slim[group].values():
                 rec.pop("per_user_ndcg@10", None)
                 for sub in ("static", "finetuned", "static_finetuned",
@@ -320,6 +372,23 @@ def main():
                 mcfg0, base_train(seed, fixed_route=mcfg0.max_route), split, types, mcfg0)
             print(f"seed {seed} dense: test {report['dense'][str(seed)]['test_ndcg@10']:.4f}")
             save()
+        if a.oracle and f"{a.oracle[0]}-{a.oracle[1]}/{seed}" not in report["oracle"]:
+            rec = oracle(mcfg0, base_train(seed), split, ds, types, mcfg0, a.oracle)
+            srec, cands = static(seed, rec["valid_flop_ratio"])
+            ratio = rec["test_ndcg@10"] / max(srec["test_ndcg@10"], 1e-12)
+            rec["static"] = {k: srec[k] for k in ("route", "valid_ndcg@10", "test_ndcg@10",
+                                                  "flop_ratio", "ndcg@10_by_type")}
+            rec["static"]["candidates"] = cands
+            rec["ndcg10_vs_static"] = {"ratio": ratio, "ci95": bootstrap_ratio(
+                rec["per_user_ndcg@10"], srec["per_user_ndcg@10"])}
+            report["oracle"][f"{a.oracle[0]}-{a.oracle[1]}/{seed}"] = rec
+            ci = rec["ndcg10_vs_static"]["ci95"]
+            print(f"seed {seed} oracle routes {a.oracle}: valid {rec['valid_ndcg@10']:.4f} test "
+                  f"{rec['test_ndcg@10']:.4f} ratio {rec['flop_ratio']:.3f} by kind "
+                  f"{rec['ndcg@10_by_type']} | static route {srec['route']} "
+                  f"{srec['test_ndcg@10']:.4f} ({srec['flop_ratio']:.3f}) x{ratio:.3f} "
+                  f"[{ci[0]:.3f}-{ci[1]:.3f}]", flush=True)
+            save()
         for name in a.variants:
             key = f"{name}/{seed}"
             if key in report["runs"]:
@@ -340,9 +409,13 @@ def main():
             rec["ndcg10_vs_static"] = {"ratio": ratio, "ci95": bootstrap_ratio(
                 rec["per_user_ndcg@10"], srec["per_user_ndcg@10"])}
             if a.finetune_epochs:
-                ft = finetune(model, tcfg, split, ds, types, mcfg0, a.finetune_epochs)
+                ft = finetune(model, tcfg, split, ds, types, mcfg0, a.finetune_epochs,
+                              a.refit)
                 rec["finetuned"] = ft
-                comps = {"static_finetuned": static(seed, ft["valid_flop_ratio"])[0]}
+                # a refit supernet trains for --finetune-epochs from scratch:
+                # its static comparator too
+                comps = {"static_finetuned": static(
+                    seed, ft["valid_flop_ratio"], a.finetune_epochs if a.refit else None)[0]}
                 if seed in a.static_total_seeds:
                     comps["static_same_total_epochs"] = static(
                         seed, ft["valid_flop_ratio"], a.epochs + a.finetune_epochs)[0]
