@@ -212,17 +212,17 @@ def route_report(cfg: CANetConfig, routes, history_lengths, flop_ref=None) -> di
 
 
 def quartile_means(values, keys) -> dict:
-    """Mean of per-user `values` [U] within each quartile of `keys` [U]
-    (lowest keys first; None for an empty quartile), and the quartiles'
-    upper bounds."""
+    """Mean of per-user `values` [U] within each quarter of the users
+    ranked by `keys` [U] (lowest keys first): four groups of (nearly) equal
+    size, users with equal keys kept in their order, so that data sets where
+    most users share a few history lengths still get four groups. Also
+    each group's largest key ("upper_bounds", the first three)."""
     keys = torch.as_tensor(keys).to(torch.float64)
     values = torch.as_tensor(values).to(torch.float64)
-    q = torch.quantile(keys, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)) \
-        if len(keys) else torch.zeros(3, dtype=torch.float64)
-    bins = torch.bucketize(keys, q, right=True)                    # 0..3
-    return {"upper_bounds": q.tolist(),
-            "mean": [float(values[bins == i].mean()) if bool((bins == i).any()) else None
-                     for i in range(4)]}
+    order = torch.sort(keys, stable=True).indices
+    groups = [g for g in order.tensor_split(4)]
+    return {"upper_bounds": [float(keys[g].max()) if len(g) else None for g in groups[:3]],
+            "mean": [float(values[g].mean()) if len(g) else None for g in groups]}
 
 
 # A router that sends more than this share of users down one route has

@@ -92,6 +92,10 @@ def test_route_report_quartiles_and_reference():
     by_q = rep["flop_ratio_by_length_quartile"]["mean"]
     assert by_q[0] == by_q[1] == ratios[0]
     assert by_q[2] == ratios[7] and by_q[3] == (ratios[7] + ratios[5]) / 2
+    # most users with one length (Beauty-like): still four groups of two
+    tied = T.route_report(cfg, routes, torch.tensor([5, 5, 5, 5, 5, 5, 9, 9]))
+    by_q = tied["flop_ratio_by_length_quartile"]["mean"]
+    assert None not in by_q and by_q[0] == ratios[0] and by_q[3] == (ratios[7] + ratios[5]) / 2
     # a one-route model measured against the bigger space's max route
     small = CANetConfig(n_items=50, max_len=8, emb_widths=(8,), hidden_widths=(8,),
                         depths=(1,), num_heads=2)
