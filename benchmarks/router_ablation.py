@@ -114,6 +114,9 @@ def parse():
                    help="also train, per seed, a fresh supernet with every simple user on "
                         "route SIMPLE and every complex user on route COMPLEX (no router), "
                         "against the static route of its cost")
+    p.add_argument("--ladder", type=int, default=0, metavar="K",
+                   help="with --finetune-epochs: first consolidate the router's routes "
+                        "into K rungs by the FLOP ratio it expects per user (see ladder)")
     p.add_argument("--refit", action="store_true",
                    help="with --finetune-epochs: train a freshly initialised supernet on "
                         "the frozen routes (the router is kept) instead of fine-tuning; "
@@ -166,9 +169,31 @@ def train_row_users(ds):
     return torch.tensor([u for u, s in enumerate(ds.sequences) if len(s) >= 2])
 
 
-def finetune(model, tcfg, split, ds, types, ref, epochs, refit=False):
+def ladder(model, split, v_routes, rungs):
+    """Consolidates the router's routes into `rungs` routes: each user's
+    complexity score is the FLOP ratio the router expects for it (softmax of
+    its logits, no cost bias); validation users are cut into `rungs` equal
+    groups by score, each group's rung is the route the router's argmax
+    gives most often in it, and a test user takes the rung of its score's
+    group (the validation cut points). Returns (valid routes, test routes,
+    the rung routes)."""
+    ratio = model.route_ratio.float()
+
+    def score(es):
+        return (router_logits(model, es).float().softmax(-1) * ratio).sum(-1)
+
+    sv, st = score(split.valid), score(split.test)
+    cuts = torch.quantile(sv, torch.arange(1, rungs, dtype=torch.float32) / rungs)
+    gv, gt = torch.bucketize(sv, cuts, right=True), torch.bucketize(st, cuts, right=True)
+    rung = torch.stack([torch.mode(v_routes[gv == g]).values if bool((gv == g).any())
+                        else v_routes.max() for g in range(rungs)])
+    return rung[gv], rung[gt], rung
+
+
+def finetune(model, tcfg, split, ds, types, ref, epochs, refit=False, rungs=0):
     """Freezes the router's routes and fine-tunes the supernet on them
-    (`refit`: a freshly initialised supernet is trained on them instead).
+    (`refit`: a freshly initialised supernet is trained on them instead;
+    `rungs` > 0: the routes are first consolidated by `ladder`).
     Training rows take their user's validation route (the router on the
     row's own input for a user without one); validation and test use the
     routes the router gave before fine-tuning. Selects the epoch (0 = as
@@ -176,6 +201,9 @@ def finetune(model, tcfg, split, ds, types, ref, epochs, refit=False):
     model.eval()
     v_routes = route_distribution(model, split.valid)
     t_routes = route_distribution(model, split.test)
+    rung = None
+    if rungs:
+        v_routes, t_routes, rung = ladder(model, split, v_routes, rungs)
     if refit:  # the routes were taken above; only the router's weights stay
         set_seed(tcfg.seed + 2000)
         model.net.load_state_dict(type(model)(model.cfg).net.state_dict())
@@ -186,6 +214,8 @@ def finetune(model, tcfg, split, ds, types, ref, epochs, refit=False):
     tr_routes = by_user[row_user]
     missing = tr_routes < 0
     if bool(missing.any()):
+        if rung is not None:
+            raise ValueError("--ladder needs a validation route for every training user")
         with torch.no_grad():
             tr_routes[missing] = model.route(tr.items[missing], tr.lengths[missing]).routes
     rec = train_on_routes(model, tcfg, split, tr_routes, v_routes, t_routes, types, ref,
@@ -194,6 +224,8 @@ def finetune(model, tcfg, split, ds, types, ref, epochs, refit=False):
     same = sum(vt.get(int(u)) == int(r) for u, r in zip(split.test.users, t_routes))
     rec["test_route_equals_valid_route_share"] = same / max(len(t_routes), 1)
     rec["train_rows_routed_on_own_input"] = int(missing.sum())
+    if rung is not None:
+        rec["ladder"] = rung.tolist()
     return rec
 
 
@@ -410,7 +442,7 @@ def main():
                 rec["per_user_ndcg@10"], srec["per_user_ndcg@10"])}
             if a.finetune_epochs:
                 ft = finetune(model, tcfg, split, ds, types, mcfg0, a.finetune_epochs,
-                              a.refit)
+                              a.refit, a.ladder)
                 rec["finetuned"] = ft
                 # a refit supernet trains for --finetune-epochs from scratch:
                 # its static comparator too
