@@ -1,5 +1,5 @@
 """The accuracy scripts run end to end on tiny settings and write what their
-README tables read: router_ablation's oracle and refit runs, accuracy_real's
+README tables read: router_ablation's oracle, refit and ladder runs, accuracy_real's
 comparators, per-quartile FLOP ratios, logit spread and a reused dense run."""
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_router_ablation_oracle_and_refit(tmp_path):
     text = run(["benchmarks/router_ablation.py", "--users", "120", "--items", "60",
                 "--epochs", "1", "--seeds", "0", "--static-candidates", "1",
                 "--variants", "default", "--oracle", "0", "29", "--finetune-epochs", "1",
-                "--refit", "--out", out], tmp_path)
+                "--refit", "--ladder", "2", "--out", out], tmp_path)
     assert "oracle routes [0, 29]" in text and "finetuned" in text
     with open(out) as f:
         rep = json.load(f)
@@ -39,6 +39,9 @@ def test_router_ablation_oracle_and_refit(tmp_path):
     assert 0 < orc["flop_ratio"] < 1 and "ratio" in orc["ndcg10_vs_static"]
     ft = rep["runs"]["default/0"]["finetuned"]
     assert ft["epochs"] == 1 and 0 <= ft["test_route_equals_valid_route_share"] <= 1
+    # two rungs: every test user is on one of them
+    assert len(ft["ladder"]) == 2
+    assert {r for r, c in enumerate(ft["route_counts"]) if c} <= set(ft["ladder"])
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(DATA, "LastFM.txt")),
