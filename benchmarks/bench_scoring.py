@@ -156,16 +156,22 @@ class Case:
         return self.h.element_size() * (self.h.numel() + self.W.numel() + self.b.numel())
 
 
+def _train_step(c, loss):
+    """A training step of provider `loss` (-> scalar): forward, backward,
+    the gradients dropped."""
+    def step():
+        out = loss()
+        out.backward()
+        c.h.grad = c.W.grad = c.b.grad = None
+        return out.detach()
+    return step
+
+
 def fused_fn(c):
     op = torch.ops.canet
     if c.mode == "train":
-        def step():
-            loss = op.sliced_linear_cross_entropy(c.h, c.widths, c.W, c.b, c.targets, -100,
-                                                  c.args.chunk)
-            loss.backward()
-            c.h.grad = c.W.grad = c.b.grad = None
-            return loss.detach()
-        return step
+        return _train_step(c, lambda: op.sliced_linear_cross_entropy(
+            c.h, c.widths, c.W, c.b, c.targets, -100, c.args.chunk))
 
     def evaluate():
         return op.sliced_linear_topk(c.h, c.widths, c.W, c.b, c.args.k, c.args.chunk,
@@ -175,12 +181,8 @@ def fused_fn(c):
 
 def plain_fn(c):
     if c.mode == "train":
-        def step():
-            loss = F.cross_entropy(F.linear(c.h * c.mask, c.W, c.b), c.targets)
-            loss.backward()
-            c.h.grad = c.W.grad = c.b.grad = None
-            return loss.detach()
-        return step
+        return _train_step(c, lambda: F.cross_entropy(F.linear(c.h * c.mask, c.W, c.b),
+                                                      c.targets))
 
     def evaluate():
         scores = F.linear(c.h * c.mask, c.W, c.b)
@@ -193,13 +195,8 @@ def plain_fn(c):
 def gemm_fn(c):
     from canet_kernels import scoring_gemm
     if c.mode == "train":
-        def step():
-            loss = scoring_gemm.cross_entropy(c.h, c.widths, c.W, c.b, c.targets, -100,
-                                              c.args.gemm_chunk)
-            loss.backward()
-            c.h.grad = c.W.grad = c.b.grad = None
-            return loss.detach()
-        return step
+        return _train_step(c, lambda: scoring_gemm.cross_entropy(
+            c.h, c.widths, c.W, c.b, c.targets, -100, c.args.gemm_chunk))
 
     def evaluate():
         return scoring_gemm.topk(c.h, c.widths, c.W, c.b, c.args.k, c.args.gemm_chunk,

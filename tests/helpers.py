@@ -113,3 +113,12 @@ def run_threads(n, fn):
     for t in threads:
         t.join()
     return errors
+
+
+def exclusion(N, V, seed=1):
+    """[N, 6] ids padded with -1; column 0 excludes the padding item 0."""
+    g = torch.Generator().manual_seed(seed)
+    ex = torch.randint(0, V, (N, 6), generator=g)
+    ex[:, 0] = 0
+    ex[::2, 4:] = -1
+    return ex

@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from canet_kernels import reference
 from canet_kernels import scoring_gemm as sg
+from helpers import exclusion
 from helpers import one_thread  # noqa: F401  (autouse fixture)
 
 # mixed widths, not sorted, not multiples of 8; targets with negative ids and
@@ -186,14 +187,6 @@ def test_autograd_wrapper_matches_functions():
 
 
 # ------------------------------------------------------------------ top-k --
-
-def exclusion(N, V, seed=1):
-    """[N, 6] ids padded with -1; column 0 excludes item 0."""
-    g = torch.Generator().manual_seed(seed)
-    ex = torch.randint(0, V, (N, 6), generator=g)
-    ex[:, 0] = 0
-    ex[::2, 4:] = -1
-    return ex
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

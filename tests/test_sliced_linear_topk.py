@@ -6,7 +6,7 @@ import torch
 
 import canet_kernels  # noqa: F401
 from canet_kernels import functional, reference
-from helpers import rand
+from helpers import exclusion, rand
 from helpers import one_thread  # noqa: F401  (autouse fixture)
 
 op = torch.ops.canet
@@ -28,15 +28,6 @@ def full_scores(h, widths, weight, bias):
     mask = (torch.arange(D)[None, :] < widths[:, None]).to(h.dtype)
     s = (h * mask) @ weight[:, :D].T
     return s if bias is None else s + bias
-
-
-def exclusion(N, V, seed=1):
-    """[N, 6] ids padded with -1; column 0 excludes the padding item 0."""
-    g = torch.Generator().manual_seed(seed)
-    ex = torch.randint(0, V, (N, 6), generator=g)
-    ex[:, 0] = 0
-    ex[::2, 4:] = -1
-    return ex
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 128, 333, 1000, 4096])
