@@ -60,11 +60,10 @@ import torch  # noqa: E402
 
 from benchmarks.accuracy_real import bootstrap_ratio, routes_under, single_route  # noqa: E402
 from canet_kernels import data as D  # noqa: E402
-from canet_kernels.metrics import MetricAccumulator, full_ranking  # noqa: E402
 from canet_kernels.model import CANet, CANetConfig  # noqa: E402
 from canet_kernels.ops import shared_plans  # noqa: E402
 from canet_kernels.train import (TrainConfig, evaluate, route_distribution,  # noqa: E402
-                                 logit_spread, route_report, router_logits, set_seed,
+                                 logit_spread, router_logits, set_seed,
                                  train)
 
 # One change each against "default" (model = CANetConfig, train = TrainConfig).
@@ -138,29 +137,6 @@ def by_type(values, types):
     """Mean of per-user `values` [U] over the simple (0) and complex (1) users."""
     return {name: float(values[types == t].mean()) for t, name in ((0, "simple"), (1, "complex"))
             if bool((types == t).any())}
-
-
-@torch.no_grad()
-def eval_fixed(model, es, routes, ks, mask_seen, ref, batch_size=256):
-    """evaluate() with a given route per user (routes [U], in `es` order):
-    metrics, route report and per-user values."""
-    was = model.training
-    model.eval()
-    acc, users = MetricAccumulator(), {}
-    for idx in torch.arange(len(es)).split(batch_size):
-        lengths = es.lengths[idx]
-        items = es.items[idx, :max(int(lengths.max()), 1)]
-        seen = es.seen[idx] if mask_seen else None
-        scores, _ = model(items, lengths, routes[idx])
-        vals = full_ranking(scores, es.targets[idx], ks, seen)
-        acc.update(vals)
-        for k, v in vals.items():
-            users.setdefault(k, []).append(v)
-    model.train(was)
-    res = acc.result()
-    res.update(route_report(model.cfg, routes, (es.seen > 0).sum(1), ref))
-    res["per_user"] = {k: torch.cat(v).tolist() for k, v in users.items()}
-    return res
 
 
 def train_row_users(ds):
@@ -251,7 +227,8 @@ def train_on_routes(model, tcfg, split, tr_routes, v_routes, t_routes, types, re
     once. Returns a record."""
     tr = split.train
     sel = tcfg.select_metric
-    val = eval_fixed(model, split.valid, v_routes, tcfg.ks, tcfg.mask_seen, ref)
+    val = evaluate(model, split.valid, tcfg.ks, tcfg.mask_seen, route=v_routes,
+                   flop_ref=ref)
     best = {"epoch": 0, "valid": val[sel],
             "state": {k: v.clone() for k, v in model.state_dict().items()}}
     history = [{"epoch": 0, "valid_ndcg@10": val["ndcg@10"]}]
@@ -278,7 +255,8 @@ def train_on_routes(model, tcfg, split, tr_routes, v_routes, t_routes, types, re
             ce += st["ce"]
             nb += 1
         secs += time.perf_counter() - t0
-        val = eval_fixed(model, split.valid, v_routes, tcfg.ks, tcfg.mask_seen, ref)
+        val = evaluate(model, split.valid, tcfg.ks, tcfg.mask_seen, route=v_routes,
+                       flop_ref=ref)
         history.append({"epoch": epoch, "train_ce": ce / max(nb, 1),
                         "valid_ndcg@10": val["ndcg@10"]})
         if val[sel] > best["valid"]:
@@ -288,7 +266,8 @@ def train_on_routes(model, tcfg, split, tr_routes, v_routes, t_routes, types, re
               f"{val['ndcg@10']:.4f}{' *' if best['epoch'] == epoch else ''}", flush=True)
     model.load_state_dict(best["state"])
     model.eval()
-    test = eval_fixed(model, split.test, t_routes, tcfg.ks, tcfg.mask_seen, ref)
+    test = evaluate(model, split.test, tcfg.ks, tcfg.mask_seen, route=t_routes,
+                    flop_ref=ref, per_user=True)
     ratios = torch.tensor([f / ref.route_flops()[-1] for f in model.cfg.route_flops()],
                           dtype=torch.float64)
     return {"epochs": epochs, "best_epoch": best["epoch"], "valid_ndcg@10": best["valid"],

@@ -154,7 +154,8 @@ def evaluate(model: CANet, es: EvalSet, ks=(10, 20), mask_seen=False,
     the mean FLOP ratio of the routes taken, overall and per quartile of
     history length. FLOP ratios are against the max route of `flop_ref`
     (default: the model's own routing space). `route`: None = the router's
-    argmax, "max" = the dense model, or a route id. `per_user`: also the
+    argmax, "max" = the dense model, a route id, or a route id per user
+    (int64 [U], in `es` order). `per_user`: also the
     per-user routes and metric values, in `es` order. `dist`: on several
     processes each rank scores its block of users and every rank gets the
     results of all users."""
@@ -170,7 +171,7 @@ def evaluate(model: CANet, es: EvalSet, ks=(10, 20), mask_seen=False,
         items, lengths = _batch(es, idx, dev)
         seen = es.seen[idx].to(dev) if mask_seen else None
         targets = es.targets[idx].to(dev)
-        fixed = _fixed(model, len(idx), route)
+        fixed = route[idx] if torch.is_tensor(route) else _fixed(model, len(idx), route)
         fixed = fixed.to(dev) if fixed is not None else None
         if dist.table is None:
             scores, routes = model(items, lengths, fixed, path)

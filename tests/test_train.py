@@ -48,6 +48,25 @@ def test_evaluation_masks_seen_items():
     assert abs(plain["ndcg@5"] - expect) < 1e-12
 
 
+def test_evaluate_with_a_route_per_user():
+    from canet_kernels import data as D
+    from canet_kernels.model import CANet
+    ds = D.synthetic(40, 40, seed=1)
+    es = D.leave_one_out(ds, 8).test
+    cfg = CANetConfig(n_items=ds.n_items, max_len=8, emb_widths=(8, 16), hidden_widths=(8, 16),
+                      depths=(1, 2), num_heads=2)
+    model = CANet(cfg)
+    routes = torch.arange(len(es)) % cfg.num_routes
+    res = T.evaluate(model, es, batch_size=7, route=routes, per_user=True)
+    assert res["per_user"]["routes"] == routes.tolist()
+    assert res["route_counts"] == torch.bincount(routes, minlength=cfg.num_routes).tolist()
+    # the same users on one route each: the per-user values of that route
+    for r in (0, cfg.max_route):
+        one = T.evaluate(model, es, route=r, per_user=True)["per_user"]["ndcg@10"]
+        sel = (routes == r).nonzero().flatten().tolist()
+        assert [res["per_user"]["ndcg@10"][i] for i in sel] == [one[i] for i in sel]
+
+
 def test_selection_keeps_the_best_validation_epoch(monkeypatch, tmp_path):
     """Validation scores 0.1, 0.5, 0.2: the selected weights and the test
     evaluation are those of epoch 2, with or without a run directory."""
