@@ -26,8 +26,9 @@ router's logit spread across users against between routes (a router that
 learned a prior over routes has the first near 0). CANet against the others
 gets a paired bootstrap 95% interval of the NDCG@10 ratio over test users.
 The router switches of CANetConfig are options (--balance, --guide-signal,
-...); --dense-from reuses a finished dense run, which they do not change. Targets: CANet
-NDCG@10 >= 0.99 x dense with >= 55% fewer routed FLOPs, and >= 1.02 x static.
+...); --dense-from reuses a finished dense run, which they do not change.
+Targets: CANet NDCG@10 >= 0.99 x dense with >= 55% fewer routed FLOPs, and
+>= 1.02 x static.
 Results and commands of the runs made so far:
 benchmarks/results/accuracy/README.md.
 
