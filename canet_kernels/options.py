@@ -17,11 +17,11 @@ MODEL_OPTIONS = ("max_len", "emb_widths", "hidden_widths", "depths", "num_heads"
                  "dropout", "flop_target", "budget_weight", "guide_weight",
                  "uniform_weight", "residual_scale_init", "tie_embeddings",
                  "guide_signal", "guide_labels", "balance", "tau_end", "noise_end",
-                 "budget_shape", "router_stats", "distill")
+                 "budget_shape", "router_stats", "distill", "rungs")
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "path",
                  "eval_every", "patience", "mask_seen", "calibrate_flops",
                  "spend_budget", "warmup_epochs", "router_mode", "router_candidates",
-                 "max_train_seconds", "progress", "device")
+                 "rung_epoch", "rung_choice", "max_train_seconds", "progress", "device")
 
 HELP = {
     "emb_widths": "embedding widths of the routing space (comma-separated)",
@@ -45,6 +45,13 @@ HELP = {
     "router_stats": "the router also reads log history length and the share of "
                     "distinct items",
     "distill": "weight of in-place distillation from the max route (0 = off)",
+    "rungs": "0: the router picks any route per user; K: at --rung-epoch its routes are "
+             "consolidated into K fixed rungs (users cut into K groups by the FLOP ratio "
+             "the router expects; each group's most common route), the router freezes "
+             "and the supernet trains on them",
+    "rung_epoch": "with --rungs K: the epoch after which the routes become rungs",
+    "rung_choice": "with --rungs K: vote = each group's most common route; probe = the "
+                   "routes with the best validation metric per group under --flop-target",
     "path": "routed: canet ops on a route-sorted packed batch; masked: full width "
             "with masks (the paper's formulation)",
     "patience": "evaluations without improvement before stopping (default: none)",
@@ -64,6 +71,7 @@ HELP = {
 }
 ALIASES = {"num_heads": ("--heads",)}
 CHOICES = {"path": ("routed", "masked"), "router_mode": ("canet", "value"),
+           "rung_choice": ("vote", "probe"),
            "guide_signal": ("train", "holdout"), "guide_labels": ("small", "sandwich"),
            "balance": ("kl", "switch", "mi"), "budget_shape": ("relu", "two_sided")}
 

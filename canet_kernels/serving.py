@@ -435,6 +435,7 @@ class ServingGraph(nn.Module):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.model, self.variant = model, variant
+        self.rungs = model.has_rungs     # fixed when traced
         self.k = min(int(k), model.cfg.n_items)
         if variant == "plain":
             prep = prepare_weights(model)
@@ -447,7 +448,10 @@ class ServingGraph(nn.Module):
         T = items.shape[0]
         lengths = torch.ones_like(items).sum().reshape(1)                 # [1] = T
         logits = m.router(items[None], lengths)
-        picked = (logits.double() - m.cost_bias * m.route_ratio[None]).argmax(-1)
+        if self.rungs:
+            picked = m.rung_pick(logits)
+        else:   # pick's argmax, without its Python branch on the bias
+            picked = (logits.double() - m.cost_bias * m.route_ratio[None]).argmax(-1)
         r = torch.where(route >= 0, route, picked)
         e, d, depth = m.route_emb[r], m.route_hid[r], m.route_depth[r]
         x = net.item_emb(items) + net.pos_emb.weight[:T]                  # [T, E]

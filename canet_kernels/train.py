@@ -28,6 +28,7 @@ from . import distributed
 from .data import EvalSet, Split, batches
 from .metrics import MetricAccumulator, full_ranking
 from .model import CANet, CANetConfig
+from .model.encoder import rung_groups
 from .ops import shared_plans
 
 CHECKPOINT_FORMAT = 1
@@ -71,6 +72,16 @@ class TrainConfig:
     # inference by the calibrated cost bias (CANet.route_value_loss).
     router_mode: str = "canet"
     router_candidates: int = 4
+    # with CANetConfig.rungs > 0: the epoch after whose training the routes
+    # are consolidated into rungs on the validation users; the epoch is then
+    # selected among this one and the later ones (all on the rungs)
+    rung_epoch: int = 10
+    # how each rung's route is chosen: "vote" = the route most of its users
+    # get from the router; "probe" = the current supernet is evaluated on
+    # every route for each group's validation users, and the routes with the
+    # best total metric under the model's FLOP target are taken
+    # (probe_rungs)
+    rung_choice: str = "vote"
     # stop after the first epoch that brings training time past this (a
     # wall-time budget for slow machines); None = no limit
     max_train_seconds: float | None = None
@@ -293,22 +304,89 @@ def logit_spread(logits) -> dict:
             "ratio": across / between if between > 0 else float("inf")}
 
 
-def calibrate(model: CANet, es: EvalSet, batch_size=256, spend: bool = False,
-              dist: distributed.Context | None = None):
-    """Sets the inference cost bias on `es` (validation users) so the mean
-    FLOP ratio of the routes meets model.cfg.flop_target (with `spend`: comes
-    up to it from below too). Returns the bias. `dist`: each rank runs the
-    router on its block of users; all ranks set the bias from all logits."""
+def _all_logits(model: CANet, es: EvalSet, batch_size, dist):
+    """Router logits [U, R] of every user of `es`; under several processes
+    each rank runs the router on its block of users and all get all."""
     if dist is None or dist.world == 1:
-        return model.calibrate(eval_batches(es, batch_size, _device(model)), spend=spend)
-    target = model.cfg.flop_target
-    if target is None:
-        return float(model.cost_bias)
+        return router_logits(model, es, batch_size)
     mine = [_batch(es, idx, _device(model))
             for idx in dist.user_batches(len(es), batch_size) if len(idx)]
     logits = model.router_logits(mine) if mine else \
         torch.zeros(0, model.cfg.num_routes, dtype=model.router.head.weight.dtype)
-    return model.calibrate_cost_bias(dist.gather(logits), target, spend=spend)
+    return dist.gather(logits)
+
+
+def calibrate(model: CANet, es: EvalSet, batch_size=256, spend: bool = False,
+              dist: distributed.Context | None = None):
+    """Sets the inference cost bias on `es` (validation users) so the mean
+    FLOP ratio of the routes meets model.cfg.flop_target (with `spend`: comes
+    up to it from below too). Returns the bias."""
+    target = model.cfg.flop_target
+    if target is None:
+        return float(model.cost_bias)
+    return model.calibrate_cost_bias(_all_logits(model, es, batch_size, dist), target,
+                                     spend=spend)
+
+
+def consolidate(model: CANet, es: EvalSet, tcfg: TrainConfig,
+                dist: distributed.Context | None = None) -> list:
+    """Sets the model's rungs (CANetEncoder.set_rungs) from the router's
+    logits on `es` (validation users), the routes chosen as
+    tcfg.rung_choice says. Returns the rung routes."""
+    logits = _all_logits(model, es, tcfg.eval_batch_size, dist)
+    routes = probe_rungs(model, es, logits, tcfg, dist) if tcfg.rung_choice == "probe" \
+        else None
+    return model.set_rungs(logits, routes)
+
+
+# The least a route must buy, per unit of FLOP ratio, in validation metric
+# (as a share of the best route's) to be chosen over a cheaper one: the
+# routes of users that every route serves equally well (saturated) are then
+# not chosen by noise.
+RUNG_MIN_PRICE = 0.01
+
+
+def probe_rungs(model: CANet, es: EvalSet, logits, tcfg: TrainConfig,
+                dist: distributed.Context | None = None) -> torch.Tensor:
+    """Rung routes [K] chosen on held-out users: the users of each rung's
+    group (rung_groups of their expected FLOP ratio) are evaluated on every
+    route of the current supernet, and each group takes
+    argmax_r metric_g(r) - price * ratio_r, cheaper routes first on ties, at
+    the lowest price >= RUNG_MIN_PRICE * (the best route's metric) whose mean
+    FLOP ratio meets cfg.flop_target (a Lagrangian of: the best total metric
+    under the target)."""
+    cfg = model.cfg
+    K, R = cfg.rungs, cfg.num_routes
+    _, group = rung_groups(model.expected_ratio(logits).cpu(), K)
+    n = torch.bincount(group, minlength=K).double()
+    metric = torch.zeros(K, R, dtype=torch.float64)
+    for r in range(R):
+        res = evaluate(model, es, tcfg.ks, tcfg.mask_seen, tcfg.eval_batch_size, route=r,
+                       path=tcfg.path, per_user=True, dist=dist)
+        pu = torch.tensor(res["per_user"][tcfg.select_metric], dtype=torch.float64)
+        metric[:, r] = torch.zeros(K, dtype=torch.float64).index_add_(0, group, pu) / \
+            n.clamp_min(1)
+    ratio = model.route_ratio.cpu()
+    order = ratio.argsort(stable=True)            # ties: the cheaper route
+
+    def choose(price):
+        return order[(metric - price * ratio[None])[:, order].argmax(1)]
+
+    def mean_ratio(price):
+        return float((n * ratio[choose(price)]).sum() / n.sum())
+
+    best = float((n @ metric).max() / n.sum())     # the best single route's metric
+    lo = RUNG_MIN_PRICE * best
+    target = cfg.flop_target
+    if target is None or mean_ratio(lo) <= target:
+        return choose(lo)
+    hi = max(lo, 1e-6) * 2
+    while mean_ratio(hi) > target and hi < 1e9:
+        hi *= 2
+    for _ in range(60):                            # mean_ratio(lo) > target >= (hi)
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if mean_ratio(mid) <= target else (mid, hi)
+    return choose(hi)
 
 
 def sandwich_routes(cfg: CANetConfig, n: int, gen: torch.Generator):
@@ -467,6 +545,11 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
         raise ValueError(f"model max_len {model_cfg.max_len} < data max_len {split.max_len}")
     if tcfg.router_mode not in ("canet", "value"):
         raise ValueError(f"router_mode must be 'canet' or 'value', got {tcfg.router_mode!r}")
+    if model_cfg.rungs and not tcfg.warmup_epochs < tcfg.rung_epoch <= tcfg.epochs:
+        raise ValueError(f"rung_epoch must be after the warm-up ({tcfg.warmup_epochs}) and "
+                         f"at most epochs ({tcfg.epochs}), got {tcfg.rung_epoch}")
+    if tcfg.rung_choice not in ("vote", "probe"):
+        raise ValueError(f"rung_choice must be 'vote' or 'probe', got {tcfg.rung_choice!r}")
     if model_cfg.n_items < split.n_items:
         raise ValueError(f"model n_items {model_cfg.n_items} < data n_items {split.n_items}")
     set_seed(tcfg.seed)
@@ -517,9 +600,9 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
             lengths = tr.lengths[idx]
             L = int(lengths.max())
             routes = _fixed(model, len(idx), tcfg.fixed_route)
-            value = (routes is None and tcfg.router_mode == "value"
-                     and epoch > tcfg.warmup_epochs)
-            if routes is None and (epoch <= tcfg.warmup_epochs or value):
+            free = routes is None and not model.has_rungs   # the router trains
+            value = free and tcfg.router_mode == "value" and epoch > tcfg.warmup_epochs
+            if free and (epoch <= tcfg.warmup_epochs or value):
                 # drawn for the whole batch: the generator advances as in one process
                 routes = sandwich_routes(model.cfg, len(batch), gen)[part]
             items, targets = tr.items[idx, :L].to(device), tr.targets[idx, :L].to(device)
@@ -542,8 +625,18 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
         msg = f"epoch {epoch}: loss {rec.get('loss', float('nan')):.4f}"
         if "ce" in rec:
             msg += f" ce {rec['ce']:.4f} train flop ratio {rec['flop_ratio']:.3f}"
-        if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
-            if eval_route is None and tcfg.calibrate_flops:
+        out_of_time = (tcfg.max_train_seconds is not None
+                       and state["train_seconds"] >= tcfg.max_train_seconds)
+        if _rungs_pending(model, eval_route) and (epoch >= tcfg.rung_epoch or out_of_time):
+            if tcfg.calibrate_flops:   # the votes are the deployed routes'
+                calibrate(model, split.valid, tcfg.eval_batch_size, spend=tcfg.spend_budget,
+                          dist=dist)
+            rec["rungs"] = consolidate(model, split.valid, tcfg, dist)
+            msg += " | rungs " + ", ".join(f"{r} {model.cfg.routes()[r]}" for r in rec["rungs"])
+            # select among the epochs on the rungs only: the routes served
+            state["best"], state["bad_evals"] = None, 0
+        if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs or "rungs" in rec:
+            if eval_route is None and tcfg.calibrate_flops and not model.has_rungs:
                 rec["cost_bias"] = calibrate(model, split.valid, tcfg.eval_batch_size,
                                              spend=tcfg.spend_budget, dist=dist)
             val = evaluate(model, split.valid, tcfg.ks, tcfg.mask_seen,
@@ -567,11 +660,12 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
                         best_state = {k: v.clone() for k, v in model.state_dict().items()}
             else:
                 state["bad_evals"] += 1
-                if tcfg.patience is not None and state["bad_evals"] >= tcfg.patience:
+                # (not before the rungs: the routes served are chosen there)
+                if tcfg.patience is not None and state["bad_evals"] >= tcfg.patience \
+                        and not _rungs_pending(model, eval_route):
                     state["stopped"] = True
                     msg += " (early stop)"
-        if (tcfg.max_train_seconds is not None and not state["stopped"]
-                and state["train_seconds"] >= tcfg.max_train_seconds):
+        if out_of_time and not state["stopped"]:
             state["stopped"] = True
             msg += " (time budget spent)"
         state["history"].append(rec)
@@ -601,6 +695,11 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
         dist.table.unshard()            # the returned model scores the whole table
     dist.barrier()  # no rank exits while another still waits on it (that aborts gloo)
     return model.eval(), results
+
+
+def _rungs_pending(model: CANet, eval_route) -> bool:
+    """The model is to be consolidated into rungs and is not yet."""
+    return eval_route is None and bool(model.cfg.rungs) and not model.has_rungs
 
 
 def _quiet(*_args, **_kwargs):

@@ -1,7 +1,8 @@
 """Training on several processes: `canet train` under torchrun with 2 gloo
 processes on the CPU (data split per rank, DistributedDataParallel, sharded
-evaluation, rank-0 checkpoints resumable on 1 process) and the row-sharded
-output table (`--shard-items`) against the full one."""
+evaluation, rank-0 checkpoints resumable on 1 process; the routes
+consolidated into rungs at epoch 2 from all ranks' validation users) and the
+row-sharded output table (`--shard-items`) against the full one."""
 from __future__ import annotations
 
 import copy
@@ -26,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = ["--synthetic-users", "60", "--synthetic-items", "60", "--max-len", "12"]
 TINY = [*DATA, "--emb-widths", "8,16", "--hidden-widths", "8,16", "--depths", "1,2",
         "--heads", "2", "--batch-size", "16", "--no-progress", "--threads", "1",
-        "--warmup-epochs", "1"]
+        "--warmup-epochs", "1", "--rungs", "2", "--rung-epoch", "2"]
 
 
 def torchrun(args, nproc=2, timeout=180):

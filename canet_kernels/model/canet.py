@@ -24,7 +24,11 @@ can sit far above it (near-uniform softmax, argmax on the large routes), so
 `cost_bias` (a buffer, 0 by default, saved with the weights) is set after
 training on validation users by `calibrate_cost_bias` to the smallest value
 whose argmax routes meet the FLOP target (optionally a negative one, so that
-routes below the target spend the budget).
+routes below the target spend the budget). With cfg.rungs = K the routes are
+consolidated during training into K fixed rungs (CANetEncoder.set_rungs,
+train.consolidate): from then on a user's route is the rung of the FLOP
+ratio the router expects for it, in training and at inference, and only the
+CE trains.
 
 Router gradient: the routes are hard (straight-through Gumbel-softmax one-hot
 in training), so each sample's final hidden state is multiplied by the
@@ -149,7 +153,7 @@ class CANet(CANetEncoder):
         ratio = self.route_ratio[routes].mean()
         stats = {"ce": ce.item(), "flop_ratio": ratio.item()}
         total = ce
-        if routing is None:
+        if routing is None or routing.logits is None:   # given or consolidated routes
             stats["loss"] = total.item()
             return total, stats
 

@@ -76,6 +76,14 @@ class CANetConfig:
     #   logits).detach() || softmax(routed logits)) over the labelled positions
     #   is added. 0 = off.
     distill: float = 0.0
+    # rungs: 0 = the router picks any route for every user (the paper). K > 0:
+    #   at TrainConfig.rung_epoch the router's routes are consolidated into K
+    #   fixed rungs (CANetEncoder.set_rungs): validation users are cut into K
+    #   equal groups by the FLOP ratio the router expects for them, each
+    #   group's rung is the route most of them get; from then on a user takes
+    #   the rung of its score, the router is frozen and the supernet trains on
+    #   these routes. Few, stable routes instead of many that move.
+    rungs: int = 0
 
     def __post_init__(self):
         if self.residual_scale_init is not None and self.residual_scale_init <= 0:
@@ -109,6 +117,8 @@ class CANetConfig:
             raise ValueError(f"noise_end must be in [0, 1], got {self.noise_end}")
         if not self.distill >= 0:           # also refuses NaN
             raise ValueError(f"distill must be >= 0, got {self.distill}")
+        if not isinstance(self.rungs, int) or self.rungs < 0:
+            raise ValueError(f"rungs must be an int >= 0, got {self.rungs!r}")
         if self.tau_end is not None and self.tau_end <= 0:
             raise ValueError(f"tau_end must be > 0, got {self.tau_end}")
 

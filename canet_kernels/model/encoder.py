@@ -388,6 +388,11 @@ class CANetEncoder(nn.Module):
                              persistent=False)
         # inference-time price of compute per unit of FLOP ratio
         self.register_buffer("cost_bias", torch.zeros((), dtype=torch.float64))
+        if cfg.rungs:
+            # the consolidated routes (set_rungs): cut points of the expected
+            # FLOP ratio and each rung's route; -1 = not consolidated yet
+            self.register_buffer("rung_cuts", torch.zeros(cfg.rungs - 1, dtype=torch.float64))
+            self.register_buffer("rung_routes", torch.full((cfg.rungs,), -1, dtype=torch.int64))
         self.tau = cfg.tau                # Gumbel temperature now (see anneal)
         self.noise = 1.0                  # Gumbel noise scale now (see anneal)
 
@@ -403,9 +408,19 @@ class CANetEncoder(nn.Module):
             self.noise = 1.0 + (cfg.noise_end - 1.0) * p
 
     # ------------------------------------------------------------ routing --
+    @property
+    def has_rungs(self) -> bool:
+        """The routes are consolidated into cfg.rungs fixed rungs."""
+        return bool(self.cfg.rungs) and int(self.rung_routes[0]) >= 0
+
     def route(self, items, lengths) -> Routing:
         """Routes of a right-padded batch: straight-through hard
-        Gumbel-softmax in training, argmax at inference."""
+        Gumbel-softmax in training, argmax at inference; once consolidated
+        (set_rungs), the rung of each user in both, with no gate or logits
+        (the router is frozen and has no loss)."""
+        if self.has_rungs:
+            with torch.no_grad():
+                return Routing(self.rung_pick(self.router(items, lengths)), None, None)
         logits = self.router(items, lengths)
         if self.training:
             if self.noise == 1.0:
@@ -421,12 +436,53 @@ class CANetEncoder(nn.Module):
 
     def pick(self, logits, cost_bias=None):
         """Deterministic inference routes: argmax of the logits less the
-        price of each route's FLOP ratio."""
+        price of each route's FLOP ratio (the rungs once consolidated)."""
+        if self.has_rungs:
+            return self.rung_pick(logits)
         c = self.cost_bias if cost_bias is None else cost_bias
         if float(c) == 0.0:
             return logits.argmax(-1)
         adj = logits.double() - float(c) * self.route_ratio[None]
         return adj.argmax(-1)
+
+    def expected_ratio(self, logits):
+        """[N] FLOP ratio the router expects for each user: its softmax over
+        the routes times their FLOP ratios (float64). What orders users
+        from cheap to costly for the rungs."""
+        return logits.double().softmax(-1) @ self.route_ratio
+
+    def rung_pick(self, logits):
+        """Consolidated routes [N]: the rung whose score interval holds the
+        user's expected FLOP ratio."""
+        g = torch.bucketize(self.expected_ratio(logits), self.rung_cuts, right=True)
+        return self.rung_routes[g]
+
+    @torch.no_grad()
+    def set_rungs(self, logits, routes=None) -> list:
+        """Consolidates the router's routes into cfg.rungs rungs from held-out
+        (validation) users' logits [N, R]: the users are cut into equal
+        groups at quantiles of their expected FLOP ratio (rung_groups), and
+        each group's rung is `routes[g]` if given, else the route the current
+        inference pick (argmax less the cost bias) gives most of them
+        (rung_votes). Returns the rung routes."""
+        K = self.cfg.rungs
+        if not K:
+            raise ValueError("set_rungs: the model was built with rungs=0")
+        if logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] != self.cfg.num_routes:
+            raise ValueError(f"set_rungs: logits must be [N > 0, {self.cfg.num_routes}], "
+                             f"got {tuple(logits.shape)}")
+        if routes is not None:
+            routes = torch.as_tensor(routes, dtype=torch.int64).cpu()
+            if routes.shape != (K,) or bool((routes < 0).any()) or \
+                    bool((routes >= self.cfg.num_routes).any()):
+                raise ValueError(f"set_rungs: routes must be {K} route ids in "
+                                 f"[0, {self.cfg.num_routes}), got {routes.tolist()}")
+        self.rung_routes.fill_(-1)                  # pick below: the router's own routes
+        cuts, group = rung_groups(self.expected_ratio(logits).cpu(), K)
+        rung = rung_votes(self.pick(logits).cpu(), group, K) if routes is None else routes
+        self.rung_cuts.copy_(cuts)
+        self.rung_routes.copy_(rung)
+        return rung.tolist()
 
     def forward(self, items, lengths=None, routes=None, *, padding_mask=None,
                 left_padded=None, path="routed") -> EncoderOutput:
@@ -560,7 +616,10 @@ class CANetEncoder(nn.Module):
         a router whose own argmax stays below the target gets the most
         negative bias that still meets it instead, so the routes use the
         budget. The chosen route's FLOP ratio does not increase with the
-        bias, so bisection applies."""
+        bias, so bisection applies. Consolidated rungs ignore the bias: it
+        is left as it is."""
+        if self.has_rungs:
+            return float(self.cost_bias)
         ratio = self.route_ratio
 
         def mean_ratio(c):
@@ -586,6 +645,23 @@ class CANetEncoder(nn.Module):
             c = 0.0
         self.cost_bias.fill_(c)
         return c
+
+
+def rung_groups(score, k: int):
+    """(cut points [k - 1], group [N]) of users with scores [N]: k equal
+    groups at the score's quantiles (ties share a group)."""
+    q = torch.arange(1, k, dtype=torch.float64) / k
+    score = score.double()
+    cuts = torch.quantile(score, q) if k > 1 else score.new_zeros(0)
+    return cuts, torch.bucketize(score, cuts, right=True)
+
+
+def rung_votes(picked, group, k: int):
+    """[k] each group's most common route of `picked` [N] (a group left
+    empty by ties: the overall most common)."""
+    common = torch.mode(picked).values
+    return torch.stack([torch.mode(picked[group == g]).values if bool((group == g).any())
+                        else common for g in range(k)])
 
 
 def guide_loss(cfg: CANetConfig, probs, hit):

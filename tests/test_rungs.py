@@ -1,0 +1,231 @@
+"""Rungs: the router's routes consolidated into a few fixed routes
+(CANetConfig.rungs, TrainConfig.rung_epoch). The groups, cut points and
+votes are checked against values computed here by hand (numpy), not by
+the code under test."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from canet_kernels import data as D
+from canet_kernels import train as T
+from canet_kernels.model import CANet, CANetConfig
+from canet_kernels.serving import Recommender, ServingGraph
+
+from helpers import one_thread  # noqa: E402,F401  (autouse fixture)
+
+TINY = dict(max_len=8, emb_widths=(8,), hidden_widths=(8, 16), depths=(1, 2), num_heads=2,
+            router_width=8, router_heads=2, router_ffn=16)
+
+
+def tiny(rungs=2, n_items=40, **kw):
+    return CANet(CANetConfig(n_items=n_items, rungs=rungs, **dict(TINY, **kw))).eval()
+
+
+def expected_ratio(logits, ratios):
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    return p @ np.asarray(ratios)
+
+
+def test_set_rungs_cuts_at_the_quantiles_and_takes_each_groups_vote():
+    m = tiny(rungs=2)
+    ratios = m.cfg.route_flop_ratios()       # 4 routes, cheapest first
+    assert sorted(ratios) == ratios
+    # users 0-5 lean cheap (argmax routes 1, 1, 1, 0, 0, 1), users 6-9 costly
+    # (argmax 3, 3, 2, 3); rows are distinct so the cut splits them 5 / 5 by score
+    lg = np.full((10, 4), -4.0)
+    best = [1, 1, 1, 0, 0, 1, 3, 3, 2, 3]
+    for u, r in enumerate(best):
+        lg[u, r] = 4.0 + 0.01 * u
+    lg[:6, 0] += 1.0                          # the cheap users' scores stay low
+    score = expected_ratio(lg, ratios)
+    cut = np.quantile(score, 0.5)             # numpy's linear interpolation = torch's
+    group = score > cut
+    want = [np.bincount(np.array(best)[group == g], minlength=4).argmax() for g in (0, 1)]
+    got = m.set_rungs(torch.tensor(lg))
+    assert got == want == [1, 3]
+    assert m.has_rungs
+    assert torch.allclose(m.rung_cuts, torch.tensor([cut], dtype=torch.float64))
+    picked = m.pick(torch.tensor(lg)).tolist()
+    assert picked == [want[int(g)] for g in group]
+    # the cost bias no longer moves the routes
+    assert m.pick(torch.tensor(lg), cost_bias=100.0).tolist() == picked
+
+
+def test_set_rungs_with_tied_scores_fills_empty_groups():
+    m = tiny(rungs=3)
+    lg = torch.zeros(6, 4)
+    lg[:, 2] = 1.0                            # every user alike: one score
+    assert m.set_rungs(lg) == [2, 2, 2]
+    assert m.pick(lg).tolist() == [2] * 6
+
+
+def test_rungs_errors_name_the_argument():
+    with pytest.raises(ValueError, match="rungs must be an int >= 0"):
+        CANetConfig(n_items=5, rungs=-1, **TINY)
+    with pytest.raises(ValueError, match="built with rungs=0"):
+        tiny(rungs=0).set_rungs(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match=r"logits must be \[N > 0, 4\]"):
+        tiny().set_rungs(torch.zeros(3, 5))
+    split = D.leave_one_out(D.synthetic(40, 40, seed=0), max_len=8)
+    cfg = CANetConfig(n_items=split.n_items, rungs=2, **TINY)
+    with pytest.raises(ValueError, match="rung_epoch must be after the warm-up"):
+        T.train(cfg, T.TrainConfig(epochs=3, rung_epoch=4, progress=False), split,
+                log=lambda *_: None)
+    with pytest.raises(ValueError, match="rung_epoch"):
+        T.train(cfg, T.TrainConfig(epochs=3, rung_epoch=2, warmup_epochs=2, progress=False),
+                split, log=lambda *_: None)
+
+
+def test_consolidated_routes_train_the_supernet_only():
+    """After set_rungs the loss is the CE alone and the router gets no gradient."""
+    torch.manual_seed(0)
+    m = tiny().train()
+    items = torch.randint(1, 41, (6, 8))
+    lengths = torch.tensor([8, 3, 5, 1, 8, 2])
+    targets = torch.randint(1, 41, (6, 8))
+    _, st = m.loss(items, lengths, targets)
+    assert "guide" in st                      # a free router has its losses
+    m.set_rungs(torch.randn(6, 4))
+    m.zero_grad()
+    loss, st = m.loss(items, lengths, targets)
+    loss.backward()
+    assert "guide" not in st and st["loss"] == st["ce"]
+    assert all(p.grad is None for p in m.router.parameters())
+    assert any(p.grad is not None for p in m.net.parameters())
+
+
+def test_training_consolidates_at_rung_epoch_and_serves_the_rungs(monkeypatch, tmp_path):
+    split = D.leave_one_out(D.synthetic(80, 40, seed=0), max_len=8)
+    cfg = CANetConfig(n_items=split.n_items, rungs=2, **TINY)
+    real = T.consolidate
+    seen = {}
+
+    def spy(model, *a, **kw):
+        out = real(model, *a, **kw)
+        seen["router"] = {k: v.clone() for k, v in model.router.state_dict().items()}
+        return out
+
+    monkeypatch.setattr(T, "consolidate", spy)
+    # validation scores that peak before the rungs: the selection must still
+    # take an epoch on the rungs (those are the routes served)
+    real_eval, scores = T.evaluate, iter([0.9, 0.1, 0.2, 0.15])
+
+    def fake(model, es, *a, **kw):
+        res = real_eval(model, es, *a, **kw)
+        if es is split.valid:
+            res["ndcg@10"] = next(scores)
+        return res
+
+    monkeypatch.setattr(T, "evaluate", fake)
+    logs = []
+    tcfg = T.TrainConfig(epochs=4, rung_epoch=2, batch_size=32, progress=False)
+    model, res = T.train(cfg, tcfg, split, str(tmp_path), log=logs.append)
+    assert "rungs" not in logs[0] and "| rungs " in logs[1] and "rungs" not in logs[2]
+    assert res["best_epoch"] == 3                   # selected on the rungs only
+    rungs = model.rung_routes.tolist()
+    counts = res["test"]["route_counts"]
+    assert sum(counts[r] for r in set(rungs)) == sum(counts) == len(split.test)
+    for k, v in model.router.state_dict().items():  # frozen since consolidation
+        assert torch.equal(v, seen["router"][k]), k
+    # the checkpoint keeps the rungs; serving routes by them
+    loaded, _ = T.load_model(str(tmp_path))
+    assert loaded.rung_routes.tolist() == rungs
+    assert torch.equal(loaded.rung_cuts, model.rung_cuts)
+    rec = Recommender.load(str(tmp_path))
+    hist = [int(i) for i in split.test.items[0, :int(split.test.lengths[0])]]
+    with torch.no_grad():
+        want = int(loaded.rung_pick(loaded.router(torch.tensor([hist]),
+                                                  torch.tensor([len(hist)])))[0])
+    assert rec.route(hist) == want and want in rungs
+    assert rec.recommend(hist, k=5).route == want
+    # the exported graph takes the same branch
+    g = ServingGraph(loaded, k=5)
+    with torch.no_grad():
+        out = g(torch.tensor(hist), torch.tensor(hist), torch.tensor([-1]))
+    assert int(out[2][0]) == want
+
+
+def test_serving_paths_route_by_the_rungs():
+    """Recommender and the exported graph use the rung, not the router's
+    own argmax (a rung route set apart from it on purpose)."""
+    torch.manual_seed(1)
+    m = tiny()
+    hist = [3, 7, 1, 9, 4]
+    items, n = torch.tensor([hist]), torch.tensor([len(hist)])
+    with torch.no_grad():
+        free = int(m.router(items, n).argmax(-1)[0])
+    m.set_rungs(torch.randn(5, 4))
+    m.rung_routes.fill_((free + 1) % 4)
+    want = (free + 1) % 4
+    rec = Recommender(m)
+    assert rec.route(hist) == want
+    assert rec.recommend(hist, k=3).route == want
+    assert [r.route for r in rec.recommend([hist, hist[:2]], k=3)] == [want, want]
+    with torch.no_grad():
+        out = ServingGraph(m, k=3)(torch.tensor(hist), torch.tensor(hist), torch.tensor([-1]))
+    assert int(out[2][0]) == want
+
+
+@pytest.mark.parametrize("target", [None, 0.45, 0.7])
+def test_probe_rungs_takes_the_best_routes_under_the_target(monkeypatch, target):
+    """Group 0 (cheap users) scores the same on every route, except noise on
+    the costliest; group 1 gains with compute, concavely. The probe must
+    keep group 0 on the cheapest route and give group 1 the best route that
+    the target leaves room for, checked by brute force over all pairs."""
+    m = tiny(flop_target=target)
+    ratios = np.array(m.cfg.route_flop_ratios())
+    lg = torch.zeros(10, 4)
+    lg[:5, 0], lg[5:, 3] = 3.0, 3.0          # users 0-4 cheap, 5-9 costly
+    per_route = {r: [0.9] * 5 + [float(np.sqrt(ratios[r]))] * 5 for r in range(4)}
+    per_route[3][:5] = [0.9 + 1e-4] * 5       # noise on the costliest route
+
+    def fake(model, es, *a, route=None, per_user=False, **kw):
+        return {"per_user": {"ndcg@10": per_route[route]}}
+
+    monkeypatch.setattr(T, "evaluate", fake)
+    got = T.probe_rungs(m, None, lg, T.TrainConfig()).tolist()
+    best, want = None, None
+    for a in range(4):
+        for b in range(4):
+            cost = (ratios[a] + ratios[b]) / 2
+            if target is not None and cost > target:
+                continue
+            total = np.mean(per_route[a][:5]) + np.mean(per_route[b][5:])
+            key = (round(total, 6), -cost)
+            if best is None or key > best:
+                best, want = key, [a, b]
+    if target is None:   # no budget: the max route for group 1; the noise is not bought
+        want = [0, 3]
+    assert got == want and got[0] == 0
+    m.set_rungs(lg, got)
+    assert m.pick(lg).tolist() == [got[0]] * 5 + [got[1]] * 5
+
+
+def test_no_stop_before_the_rungs(monkeypatch):
+    """Patience waits for the rungs, and a spent time budget consolidates
+    at once: a run never ends on the free router it was told to replace."""
+    split = D.leave_one_out(D.synthetic(60, 40, seed=0), max_len=8)
+    cfg = CANetConfig(n_items=split.n_items, rungs=2, **TINY)
+    real_eval = T.evaluate
+
+    def falling(model, es, *a, **kw):
+        res = real_eval(model, es, *a, **kw)
+        if es is split.valid:
+            res["ndcg@10"] = 1.0 / (len(seen) + 1)
+            seen.append(1)
+        return res
+
+    seen = []
+    monkeypatch.setattr(T, "evaluate", falling)
+    model, res = T.train(cfg, T.TrainConfig(epochs=6, rung_epoch=3, patience=1,
+                                            batch_size=32, progress=False),
+                         split, log=lambda *_: None)
+    assert model.has_rungs and res["best_epoch"] == 3 and res["epochs_run"] == 4
+    seen.clear()
+    model, res = T.train(cfg, T.TrainConfig(epochs=6, rung_epoch=5, max_train_seconds=0.0,
+                                            batch_size=32, progress=False),
+                         split, log=lambda *_: None)
+    assert model.has_rungs and res["epochs_run"] == 1 and res["best_epoch"] == 1
