@@ -340,7 +340,8 @@ def build_parser():
     d.add_argument("--out", default=None, help="also keep the run's checkpoints here")
     d.add_argument("--eval-batch-size", type=int, default=256)
     _add_model_args(d, {"emb_widths": (32, 48, 64), "hidden_widths": (32, 48, 64),
-                        "depths": (1, 2, 3, 4), "dropout": 0.1, "guide_weight": 0.1})
+                        "depths": (1, 2, 3, 4), "dropout": 0.1, "guide_weight": 0.1,
+                        "rungs": 2})
     d.add_argument("--compare-dense", action="store_true",
                    help="also train the dense max-route model and print its accuracy")
     _add_train_args(d, {"batch_size": 64})

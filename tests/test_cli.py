@@ -217,13 +217,14 @@ def test_pairs_file_warns_through_the_cli(tmp_path, capsys):
 
 
 def test_demo_smoke(capsys):
-    rc, out, _ = run_cli(["demo", "--users", "80", "--items", "60", "--epochs", "1",
-                          "--max-len", "12", "--emb-widths", "8,16", "--hidden-widths",
+    rc, out, _ = run_cli(["demo", "--users", "80", "--items", "60", "--epochs", "2",
+                          "--rung-epoch", "1", "--max-len", "12", "--emb-widths", "8,16", "--hidden-widths",
                           "8,16", "--depths", "1,2", "--heads", "2", "--batch-size",
                           "16", "--no-progress", "--compare-dense"], capsys)
     assert rc == 0
     for what in ("test:", "mean FLOP ratio", "dense test:", "CANet / dense NDCG@10", "routed (router + canet ops)",
-                 "dense  (max route", "masked (paper", "simple  users", "complex users"):
+                 "dense  (max route", "masked (paper", "simple  users", "complex users",
+                 "| rungs "):
         assert what in out, what
 
 
