@@ -108,10 +108,10 @@ def bootstrap_ratio(a, b, n=1000, seed=0):
 
 
 def single_route(mcfg, route):
-    """A CANetConfig whose routing space is one route of mcfg's."""
+    """A CANetConfig whose routing space is one route of mcfg's (no rungs)."""
     e, d, depth = mcfg.routes()[route]
     return CANetConfig.from_dict(dict(mcfg.to_dict(), emb_widths=[e], hidden_widths=[d],
-                                      depths=[depth]))
+                                      depths=[depth], rungs=0))
 
 
 def routes_under(mcfg, cap, n):

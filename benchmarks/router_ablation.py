@@ -61,6 +61,7 @@ import torch  # noqa: E402
 from benchmarks.accuracy_real import bootstrap_ratio, routes_under, single_route  # noqa: E402
 from canet_kernels import data as D  # noqa: E402
 from canet_kernels.model import CANet, CANetConfig  # noqa: E402
+from canet_kernels.model.encoder import rung_groups, rung_votes  # noqa: E402
 from canet_kernels.ops import shared_plans  # noqa: E402
 from canet_kernels.train import (TrainConfig, evaluate, route_distribution,  # noqa: E402
                                  logit_spread, router_logits, set_seed,
@@ -83,6 +84,14 @@ VARIANTS = {
     # the setting chosen on LastFM's validation users (seed 0) for routes that
     # spread over users: Switch balancing weighted 3 instead of 0.01
     "switch_balance_3": {"model": {"balance": "switch", "uniform_weight": 3.0}},
+    # the routes consolidated into 2 rungs after epoch 10 (the ladder below,
+    # inside training: the supernet goes on training on the rungs)
+    "rungs_2": {"model": {"rungs": 2}, "train": {"rung_epoch": 10}},
+    "rungs_2_e5": {"model": {"rungs": 2}, "train": {"rung_epoch": 5}},
+    # ... each rung's route chosen on validation users by the supernet's
+    # metric under the FLOP target instead of the router's vote
+    "rungs_2_probe": {"model": {"rungs": 2}, "train": {"rung_epoch": 10,
+                                                       "rung_choice": "probe"}},
 }
 
 # The `canet demo` settings (cli.py), so the data and model are the demo's.
@@ -123,6 +132,8 @@ def parse():
     p.add_argument("--static-total-seeds", nargs="*", type=int, default=[],
                    help="with --finetune-epochs: on these seeds also train the static "
                         "comparator for --epochs + --finetune-epochs epochs")
+    p.add_argument("--flop-target", type=float, default=None,
+                   help="the CANet models' FLOP target (default: the demo's, 0.45)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None,
                    help="default benchmarks/results/accuracy/router_ablation.json "
@@ -151,18 +162,13 @@ def ladder(model, split, v_routes, rungs):
     its logits, no cost bias); validation users are cut into `rungs` equal
     groups by score, each group's rung is the route the router's argmax
     gives most often in it, and a test user takes the rung of its score's
-    group (the validation cut points). Returns (valid routes, test routes,
-    the rung routes)."""
-    ratio = model.route_ratio.float()
-
-    def score(es):
-        return (router_logits(model, es).float().softmax(-1) * ratio).sum(-1)
-
-    sv, st = score(split.valid), score(split.test)
-    cuts = torch.quantile(sv, torch.arange(1, rungs, dtype=torch.float32) / rungs)
-    gv, gt = torch.bucketize(sv, cuts, right=True), torch.bucketize(st, cuts, right=True)
-    rung = torch.stack([torch.mode(v_routes[gv == g]).values if bool((gv == g).any())
-                        else v_routes.max() for g in range(rungs)])
+    group (the validation cut points): the rule of CANetConfig.rungs, here
+    applied after training. Returns (valid routes, test routes, the rung
+    routes)."""
+    lv, lt = router_logits(model, split.valid), router_logits(model, split.test)
+    cuts, gv = rung_groups(model.expected_ratio(lv), rungs)
+    rung = rung_votes(v_routes, gv, rungs)
+    gt = torch.bucketize(model.expected_ratio(lt), cuts, right=True)
     return rung[gv], rung[gt], rung
 
 
@@ -330,6 +336,7 @@ def main():
     split = D.leave_one_out(ds, DEMO_MODEL["max_len"])
     types = torch.as_tensor(ds.user_types)[split.test.users]
     mcfg0 = CANetConfig(n_items=ds.n_items, **DEMO_MODEL)
+    target = {} if a.flop_target is None else {"flop_target": a.flop_target}
     report = {"settings": vars(a), "data": ds.source, "model": mcfg0.to_dict(),
               "runs": {}, "static_runs": {}, "dense": {}, "oracle": {}}
     if a.resume and os.path.exists(a.out):
@@ -405,7 +412,7 @@ def main():
             if key in report["runs"]:
                 continue
             v = VARIANTS[name]
-            mcfg = CANetConfig.from_dict(dict(mcfg0.to_dict(), **v.get("model", {})))
+            mcfg = CANetConfig.from_dict(dict(mcfg0.to_dict(), **target, **v.get("model", {})))
             tcfg = base_train(seed, **v.get("train", {}))
             rec, model = run_one(mcfg, tcfg, split, types, mcfg0, a.probe_routes,
                                  keep_model=True)
