@@ -186,6 +186,11 @@ def cmd_route_stats(args):
     res = evaluate(model, es, (10,), False, args.batch_size)
     print(f"{args.split} users: {len(es)}")
     print(route_table(model.cfg, res["route_counts"]))
+    rungs = None
+    if model.has_rungs:
+        rungs = {"routes": model.rung_routes.tolist(), "cuts": model.rung_cuts.tolist()}
+        print(f"consolidated into {model.cfg.rungs} rungs: routes {rungs['routes']}, by the "
+              f"expected FLOP ratio cut at {[round(c, 4) for c in rungs['cuts']]}")
     if args.json:
         # the form benchmarks read (providers.load_route_mix)
         mc = model.cfg
@@ -193,7 +198,8 @@ def cmd_route_stats(args):
             json.dump({"route_counts": res["route_counts"], "flop_ratio": res["flop_ratio"],
                        "config": {"emb_widths": list(mc.emb_widths),
                                   "hidden_widths": list(mc.hidden_widths),
-                                  "depths": list(mc.depths)}}, f, indent=2)
+                                  "depths": list(mc.depths)},
+                       "rungs": rungs}, f, indent=2)
     return 0
 
 

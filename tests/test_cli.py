@@ -82,12 +82,27 @@ def test_eval_route_stats_recommend(trained, capsys):
         routes = json.load(f)
     assert routes["route_counts"] == res["test"]["route_counts"]
     assert f"mean FLOP ratio {routes['flop_ratio']:.3f}" in out
+    assert routes["rungs"] is None and "rungs" not in out
     rc, out, _ = run_cli(["recommend", "--ckpt", trained, "--seq", "1 2 3",
                           "--seq", "40 41", "-k", "5", "--json", "--mask-seen"], capsys)
     assert rc == 0
     recs = json.loads(out)
     assert len(recs) == 2 and all(len(r["top"]) == 5 for r in recs)
     assert not {1, 2, 3} & set(recs[0]["top"])
+
+
+def test_route_stats_reports_rungs(tmp_path, capsys):
+    out = str(tmp_path / "rungs")
+    assert cli.main(["train", *TINY, "--epochs", "2", "--rungs", "2", "--rung-epoch", "1",
+                     "--out", out]) == 0
+    js = str(tmp_path / "routes.json")
+    rc, text, _ = run_cli(["route-stats", "--ckpt", out, "--json", js], capsys)
+    model, _ = load_model(out)
+    with open(js) as f:
+        rungs = json.load(f)["rungs"]
+    assert rc == 0 and rungs["routes"] == model.rung_routes.tolist()
+    assert rungs["cuts"] == model.rung_cuts.tolist()
+    assert f"consolidated into 2 rungs: routes {rungs['routes']}" in text
 
 
 def test_recommend_rejects_unknown_items(trained, capsys):
