@@ -684,6 +684,7 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
         elif out_dir is None and state["best"] is not None:
             model.load_state_dict(best_state)
         dist.broadcast_model(model)     # rank 0 read the file (it may be on its machine only)
+        model.read_rungs()
     test = evaluate(model, split.test, tcfg.ks, tcfg.mask_seen, tcfg.eval_batch_size,
                     route=eval_route, path=tcfg.path, dist=dist)
     results = {"protocol": protocol(tcfg), "best_epoch": state["best_epoch"],

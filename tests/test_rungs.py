@@ -132,7 +132,7 @@ def test_training_consolidates_at_rung_epoch_and_serves_the_rungs(monkeypatch, t
         assert torch.equal(v, seen["router"][k]), k
     # the checkpoint keeps the rungs; serving routes by them
     loaded, _ = T.load_model(str(tmp_path))
-    assert loaded.rung_routes.tolist() == rungs
+    assert loaded.has_rungs and loaded.rung_routes.tolist() == rungs
     assert torch.equal(loaded.rung_cuts, model.rung_cuts)
     rec = Recommender.load(str(tmp_path))
     hist = [int(i) for i in split.test.items[0, :int(split.test.lengths[0])]]

@@ -393,6 +393,8 @@ class CANetEncoder(nn.Module):
             # FLOP ratio and each rung's route; -1 = not consolidated yet
             self.register_buffer("rung_cuts", torch.zeros(cfg.rungs - 1, dtype=torch.float64))
             self.register_buffer("rung_routes", torch.full((cfg.rungs,), -1, dtype=torch.int64))
+            self.register_load_state_dict_post_hook(lambda m, _keys: m.read_rungs())
+        self._rungs_set = False           # host copy of "rung_routes >= 0": no device sync
         self.tau = cfg.tau                # Gumbel temperature now (see anneal)
         self.noise = 1.0                  # Gumbel noise scale now (see anneal)
 
@@ -411,7 +413,12 @@ class CANetEncoder(nn.Module):
     @property
     def has_rungs(self) -> bool:
         """The routes are consolidated into cfg.rungs fixed rungs."""
-        return bool(self.cfg.rungs) and int(self.rung_routes[0]) >= 0
+        return self._rungs_set
+
+    def read_rungs(self):
+        """Re-reads `has_rungs` from the buffers (done on load_state_dict; call
+        it after writing them in place, e.g. a broadcast)."""
+        self._rungs_set = bool(self.cfg.rungs) and int(self.rung_routes[0]) >= 0
 
     def route(self, items, lengths) -> Routing:
         """Routes of a right-padded batch: straight-through hard
@@ -478,10 +485,12 @@ class CANetEncoder(nn.Module):
                 raise ValueError(f"set_rungs: routes must be {K} route ids in "
                                  f"[0, {self.cfg.num_routes}), got {routes.tolist()}")
         self.rung_routes.fill_(-1)                  # pick below: the router's own routes
+        self._rungs_set = False
         cuts, group = rung_groups(self.expected_ratio(logits).cpu(), K)
         rung = rung_votes(self.pick(logits).cpu(), group, K) if routes is None else routes
         self.rung_cuts.copy_(cuts)
         self.rung_routes.copy_(rung)
+        self._rungs_set = True
         return rung.tolist()
 
     def forward(self, items, lengths=None, routes=None, *, padding_mask=None,
