@@ -229,3 +229,28 @@ def test_no_stop_before_the_rungs(monkeypatch):
                                             batch_size=32, progress=False),
                          split, log=lambda *_: None)
     assert model.has_rungs and res["epochs_run"] == 1 and res["best_epoch"] == 1
+
+
+def test_exported_graph_routes_by_the_rungs():
+    """torch.export of the serving graph (what export_package compiles)
+    keeps the rung branch: routes and top-k of the exported program are
+    the eager graph's, on a rung set apart from the router's argmax."""
+    torch.manual_seed(1)
+    m = tiny()
+    m.set_rungs(torch.randn(5, 4))
+    hists = [[3, 7, 1, 9, 4], [2], [5, 5, 6, 1, 2, 3, 4, 8]]
+    with torch.no_grad():
+        free = {int(m.router(torch.tensor([h]), torch.tensor([len(h)])).argmax(-1)[0])
+                for h in hists}
+    m.rung_routes.fill_(next(r for r in range(4) if r not in free))
+    g = ServingGraph(m, k=3, variant="ops")
+    args = (torch.tensor(hists[0]), torch.tensor(hists[0]), torch.tensor([-1]))
+    dims = ({0: torch.export.Dim("T", min=1, max=m.cfg.max_len)},
+            {0: torch.export.Dim("S", min=1, max=64)}, None)
+    ep = torch.export.export(g, args, dynamic_shapes=dims, strict=False).module()
+    with torch.no_grad():
+        for h in hists:
+            a = (torch.tensor(h), torch.tensor(h), torch.tensor([-1]))
+            got, want = ep(*a), g(*a)
+            assert int(got[2][0]) == int(want[2][0]) == int(m.rung_routes[0])
+            assert torch.equal(got[0], want[0])
