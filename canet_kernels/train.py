@@ -28,7 +28,7 @@ from . import distributed
 from .data import EvalSet, Split, batches
 from .metrics import MetricAccumulator, full_ranking
 from .model import CANet, CANetConfig
-from .model.encoder import rung_groups
+from .model.encoder import lowest_price, rung_groups
 from .ops import shared_plans
 
 CHECKPOINT_FORMAT = 1
@@ -376,17 +376,10 @@ def probe_rungs(model: CANet, es: EvalSet, logits, tcfg: TrainConfig,
         return float((n * ratio[choose(price)]).sum() / n.sum())
 
     best = float((n @ metric).max() / n.sum())     # the best single route's metric
-    lo = RUNG_MIN_PRICE * best
-    target = cfg.flop_target
-    if target is None or mean_ratio(lo) <= target:
-        return choose(lo)
-    hi = max(lo, 1e-6) * 2
-    while mean_ratio(hi) > target and hi < 1e9:
-        hi *= 2
-    for _ in range(60):                            # mean_ratio(lo) > target >= (hi)
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if mean_ratio(mid) <= target else (mid, hi)
-    return choose(hi)
+    floor = RUNG_MIN_PRICE * best
+    if cfg.flop_target is None:
+        return choose(floor)
+    return choose(lowest_price(mean_ratio, cfg.flop_target, floor))
 
 
 def sandwich_routes(cfg: CANetConfig, n: int, gen: torch.Generator):

@@ -634,26 +634,40 @@ class CANetEncoder(nn.Module):
         def mean_ratio(c):
             return float(ratio[self.pick(logits, c)].mean())
 
-        def bisect(lo, hi):  # mean_ratio(lo) > target >= mean_ratio(hi)
-            for _ in range(iters):
-                mid = (lo + hi) / 2
-                lo, hi = (lo, mid) if mean_ratio(mid) <= target else (mid, hi)
-            return hi
-
         if mean_ratio(0.0) > target:
-            hi = 1.0
-            while mean_ratio(hi) > target and hi < 1e6:
-                hi *= 2
-            c = bisect(0.0, hi)
+            c = lowest_price(mean_ratio, target, 0.0, iters)
         elif spend:
             lo = -1.0
             while mean_ratio(lo) <= target and lo > -1e6:
                 lo *= 2
-            c = bisect(lo, 0.0) if mean_ratio(lo) > target else lo
+            c = bisect_price(mean_ratio, target, lo, 0.0, iters) \
+                if mean_ratio(lo) > target else lo
         else:
             c = 0.0
         self.cost_bias.fill_(c)
         return c
+
+
+def bisect_price(mean_ratio, target: float, lo: float, hi: float, iters: int = 50) -> float:
+    """For a `mean_ratio(price)` that does not increase with the price, and
+    mean_ratio(lo) > target >= mean_ratio(hi): the lowest price that meets
+    the target, to (hi - lo) / 2**iters (the upper end of the bracket)."""
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if mean_ratio(mid) <= target else (mid, hi)
+    return hi
+
+
+def lowest_price(mean_ratio, target: float, lo: float, iters: int = 50) -> float:
+    """The lowest price >= lo whose `mean_ratio` meets `target` (lo itself if
+    it does): the upper end doubles from max(2 lo, 1) until it meets it (or
+    reaches 1e6), then bisect_price."""
+    if mean_ratio(lo) <= target:
+        return lo
+    hi = max(2 * lo, 1.0)
+    while mean_ratio(hi) > target and hi < 1e6:
+        hi *= 2
+    return bisect_price(mean_ratio, target, lo, hi, iters)
 
 
 def rung_groups(score, k: int):
