@@ -4,6 +4,8 @@ votes are checked against values computed here by hand (numpy), not by
 the code under test."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from canet_kernels import train as T
 from canet_kernels.model import CANet, CANetConfig
 from canet_kernels.serving import Recommender, ServingGraph
 
-from helpers import one_thread  # noqa: E402,F401  (autouse fixture)
+from helpers import one_thread, report_on_valid  # noqa: E402,F401  (autouse fixture)
 
 TINY = dict(max_len=8, emb_widths=(8,), hidden_widths=(8, 16), depths=(1, 2), num_heads=2,
             router_width=8, router_heads=2, router_ffn=16)
@@ -111,15 +113,7 @@ def test_training_consolidates_at_rung_epoch_and_serves_the_rungs(monkeypatch, t
     monkeypatch.setattr(T, "consolidate", spy)
     # validation scores that peak before the rungs: the selection must still
     # take an epoch on the rungs (those are the routes served)
-    real_eval, scores = T.evaluate, iter([0.9, 0.1, 0.2, 0.15])
-
-    def fake(model, es, *a, **kw):
-        res = real_eval(model, es, *a, **kw)
-        if es is split.valid:
-            res["ndcg@10"] = next(scores)
-        return res
-
-    monkeypatch.setattr(T, "evaluate", fake)
+    report_on_valid(monkeypatch, split, "ndcg@10", [0.9, 0.1, 0.2, 0.15])
     logs = []
     tcfg = T.TrainConfig(epochs=4, rung_epoch=2, batch_size=32, progress=False)
     model, res = T.train(cfg, tcfg, split, str(tmp_path), log=logs.append)
@@ -209,22 +203,11 @@ def test_no_stop_before_the_rungs(monkeypatch):
     at once: a run never ends on the free router it was told to replace."""
     split = D.leave_one_out(D.synthetic(60, 40, seed=0), max_len=8)
     cfg = CANetConfig(n_items=split.n_items, rungs=2, **TINY)
-    real_eval = T.evaluate
-
-    def falling(model, es, *a, **kw):
-        res = real_eval(model, es, *a, **kw)
-        if es is split.valid:
-            res["ndcg@10"] = 1.0 / (len(seen) + 1)
-            seen.append(1)
-        return res
-
-    seen = []
-    monkeypatch.setattr(T, "evaluate", falling)
+    report_on_valid(monkeypatch, split, "ndcg@10", (1.0 / i for i in itertools.count(1)))
     model, res = T.train(cfg, T.TrainConfig(epochs=6, rung_epoch=3, patience=1,
                                             batch_size=32, progress=False),
                          split, log=lambda *_: None)
     assert model.has_rungs and res["best_epoch"] == 3 and res["epochs_run"] == 4
-    seen.clear()
     model, res = T.train(cfg, T.TrainConfig(epochs=6, rung_epoch=5, max_train_seconds=0.0,
                                             batch_size=32, progress=False),
                          split, log=lambda *_: None)

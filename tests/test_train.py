@@ -11,7 +11,7 @@ from canet_kernels import train as T
 from canet_kernels.data import EvalSet
 from canet_kernels.model import CANetConfig
 
-from helpers import one_thread  # noqa: E402,F401  (autouse fixture)
+from helpers import one_thread, report_on_valid  # noqa: E402,F401  (autouse fixture)
 
 
 class SeenFirst(nn.Module):
@@ -144,16 +144,7 @@ def test_epoch_log_shows_routes_and_warns_on_collapse(monkeypatch):
     cfg = CANetConfig(n_items=split.n_items, max_len=8, emb_widths=(8,),
                       hidden_widths=(8, 16), depths=(1,), num_heads=2, router_width=8,
                       router_heads=2, router_ffn=16)
-    real = T.evaluate
-    shares = iter([[30, 30], [1, 59]])
-
-    def fake(model, es, *a, **kw):
-        res = real(model, es, *a, **kw)
-        if es is split.valid:
-            res["route_counts"] = next(shares)
-        return res
-
-    monkeypatch.setattr(T, "evaluate", fake)
+    report_on_valid(monkeypatch, split, "route_counts", [[30, 30], [1, 59]])
     logs = []
     tcfg = T.TrainConfig(epochs=2, batch_size=32, progress=False)
     with pytest.warns(T.RouteCollapseWarning, match=r"route 1 \(emb 8, hidden 16, depth 1\) "
