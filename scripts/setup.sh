@@ -55,7 +55,9 @@ for spec in sys.argv[1:]:
 PY
   then
     log "installing dependencies: ${DEPS[*]}"
-    python -m pip install -q "${DEPS[@]}"
+    # No wheel cache: torch's CUDA build is several GB, and a cached copy
+    # doubles what a small disk has to hold.
+    python -m pip install -q --no-cache-dir "${DEPS[@]}"
   fi
 fi
 
@@ -141,7 +143,7 @@ if [[ -n "$reason" ]]; then
     # second torch in a throw-away build environment). pyproject.toml makes
     # every pip (a fresh venv's 23.x included) take the PEP 517/660 editable
     # path, so no --use-pep517 (current pip hides it as a no-op).
-    python -m pip install -q -e . --no-build-isolation
+    python -m pip install -q --no-cache-dir -e . --no-build-isolation
   else
     # The editable install maps the package to this folder: an in-place
     # build is enough, and incremental (objects kept in build/).
