@@ -88,6 +88,9 @@ VARIANTS = {
     # inside training: the supernet goes on training on the rungs)
     "rungs_2": {"model": {"rungs": 2}, "train": {"rung_epoch": 10}},
     "rungs_2_e5": {"model": {"rungs": 2}, "train": {"rung_epoch": 5}},
+    # ... with a quarter of the cheap rung's rows training on the costly rung
+    # (a user the router sends up by mistake is served well there)
+    "rungs_2_lift": {"model": {"rungs": 2}, "train": {"rung_epoch": 10, "rung_lift": 0.25}},
     # ... each rung's route chosen on validation users by the supernet's
     # metric under the FLOP target instead of the router's vote
     "rungs_2_probe": {"model": {"rungs": 2}, "train": {"rung_epoch": 10,

@@ -21,7 +21,7 @@ MODEL_OPTIONS = ("max_len", "emb_widths", "hidden_widths", "depths", "num_heads"
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "path",
                  "eval_every", "patience", "mask_seen", "calibrate_flops",
                  "spend_budget", "warmup_epochs", "router_mode", "router_candidates",
-                 "rung_epoch", "rung_choice", "max_train_seconds", "progress", "device")
+                 "rung_epoch", "rung_choice", "rung_lift", "max_train_seconds", "progress", "device")
 
 HELP = {
     "emb_widths": "embedding widths of the routing space (comma-separated)",
@@ -52,6 +52,9 @@ HELP = {
     "rung_epoch": "with --rungs K: the epoch after which the routes become rungs",
     "rung_choice": "with --rungs K: vote = each group's most common route; probe = the "
                    "routes with the best validation metric per group under --flop-target",
+    "rung_lift": "with --rungs K: the share of users below the top rung that train on a "
+                 "costlier rung instead of their own (so a user sent up by mistake is "
+                 "served well there)",
     "path": "routed: canet ops on a route-sorted packed batch; masked: full width "
             "with masks (the paper's formulation)",
     "patience": "evaluations without improvement before stopping (default: none)",

@@ -82,6 +82,9 @@ class TrainConfig:
     # best total metric under the model's FLOP target are taken
     # (probe_rungs)
     rung_choice: str = "vote"
+    # on the rungs, the share of each batch's users below the top rung that
+    # train on a costlier rung instead of their own (CANetEncoder.lifted_rungs)
+    rung_lift: float = 0.0
     # stop after the first epoch that brings training time past this (a
     # wall-time budget for slow machines); None = no limit
     max_train_seconds: float | None = None
@@ -541,6 +544,8 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
     if model_cfg.rungs and not tcfg.warmup_epochs < tcfg.rung_epoch <= tcfg.epochs:
         raise ValueError(f"rung_epoch must be after the warm-up ({tcfg.warmup_epochs}) and "
                          f"at most epochs ({tcfg.epochs}), got {tcfg.rung_epoch}")
+    if not 0.0 <= tcfg.rung_lift < 1.0:
+        raise ValueError(f"rung_lift must be in [0, 1), got {tcfg.rung_lift}")
     if tcfg.rung_choice not in ("vote", "probe"):
         raise ValueError(f"rung_choice must be 'vote' or 'probe', got {tcfg.rung_choice!r}")
     if model_cfg.n_items < split.n_items:
@@ -599,6 +604,9 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
                 # drawn for the whole batch: the generator advances as in one process
                 routes = sandwich_routes(model.cfg, len(batch), gen)[part]
             items, targets = tr.items[idx, :L].to(device), tr.targets[idx, :L].to(device)
+            if routes is None and model.has_rungs and tcfg.rung_lift > 0:
+                u = torch.rand(len(batch), 2, generator=gen)[part]   # as in one process
+                routes = model.lifted_rungs(items, lengths.to(device), u, tcfg.rung_lift)
             cand = value_candidates(model.cfg, tcfg.router_candidates, gen) if value else None
             with shared_plans():   # the backward kernels reuse the forward's tile plans
                 loss, st = step(items, lengths.to(device), targets,

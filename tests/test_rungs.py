@@ -237,3 +237,63 @@ def test_exported_graph_routes_by_the_rungs():
             got, want = ep(*a), g(*a)
             assert int(got[2][0]) == int(want[2][0]) == int(m.rung_routes[0])
             assert torch.equal(got[0], want[0])
+
+
+def test_lift_rungs_moves_a_share_up_uniformly():
+    from canet_kernels.model.encoder import lift_rungs
+    # by hand, k = 3, share 0.25: (group, u0, u1) -> rung
+    cases = [(0, 0.1, 0.3, 1), (0, 0.1, 0.7, 2), (0, 0.3, 0.1, 0), (1, 0.1, 0.99, 2),
+             (1, 0.5, 0.0, 1), (2, 0.0, 0.5, 2), (2, 0.24, 0.99, 2)]
+    g = torch.tensor([c[0] for c in cases])
+    u = torch.tensor([[c[1], c[2]] for c in cases])
+    assert lift_rungs(g, u, 0.25, 3).tolist() == [c[3] for c in cases]
+    # in law: a share of each lower rung moves, uniformly over the rungs above
+    n, k, share = 40000, 4, 0.3
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randint(0, k, (n,), generator=gen)
+    out = lift_rungs(g, torch.rand(n, 2, generator=gen), share, k)
+    assert bool((out >= g).all()) and bool((out[g == k - 1] == k - 1).all())
+    for r in range(k - 1):
+        moved = out[g == r]
+        assert abs(float((moved != r).float().mean()) - share) < 0.02
+        counts = torch.bincount(moved[moved != r] - r - 1, minlength=k - 1 - r).double()
+        assert float(counts.min() / counts.max()) > 0.9, (r, counts)
+    assert torch.equal(lift_rungs(g, torch.rand(n, 2, generator=gen), 0.0, k), g)
+
+
+@pytest.mark.parametrize("lift", [0.0, 0.5])
+def test_training_on_the_rungs_lifts_a_share_of_the_users(monkeypatch, lift):
+    """With rung_lift, a share of the cheap rung's rows trains on the costly
+    rung; without it every row trains on its own rung; the top rung's rows
+    never move."""
+    split = D.leave_one_out(D.synthetic(120, 40, seed=0), max_len=8)
+    cfg = CANetConfig(n_items=split.n_items, rungs=2, **TINY)
+    monkeypatch.setattr(T, "probe_rungs", lambda *a, **kw: torch.tensor([0, 3]))
+    seen = []
+    real = CANet.loss
+
+    def spy(self, items, lengths, targets, routes=None, **kw):
+        if self.has_rungs:
+            r = routes if routes is not None else self.route(items, lengths).routes
+            assert self.training
+            seen.append((items.clone(), lengths.clone(), r.clone()))
+        return real(self, items, lengths, targets, routes=routes, **kw)
+
+    monkeypatch.setattr(CANet, "loss", spy)
+    model, _ = T.train(cfg, T.TrainConfig(epochs=3, rung_epoch=1, batch_size=16,
+                                          rung_choice="probe", rung_lift=lift,
+                                          progress=False), split, log=lambda *_: None)
+    own, got = [], []
+    with torch.no_grad():
+        for items, lengths, routes in seen:
+            own.append(model.rung_pick(model.router(items, lengths)))
+            got.append(routes)
+    own, got = torch.cat(own), torch.cat(got)
+    assert len(got) == 2 * len(split.train) and bool((own == 0).any())
+    assert bool((got[own == 3] == 3).all())
+    up = float((got[own == 0] == 3).float().mean())
+    assert bool(((got == 0) | (got == 3)).all())
+    if lift == 0:
+        assert up == 0.0
+    else:
+        assert 0.3 < up < 0.7, up

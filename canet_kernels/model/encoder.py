@@ -426,8 +426,7 @@ class CANetEncoder(nn.Module):
         (set_rungs), the rung of each user in both, with no gate or logits
         (the router is frozen and has no loss)."""
         if self.has_rungs:
-            with torch.no_grad():
-                return Routing(self.rung_pick(self.router(items, lengths)), None, None)
+            return Routing(self.rung_pick(self.frozen_logits(items, lengths)), None, None)
         logits = self.router(items, lengths)
         if self.training:
             if self.noise == 1.0:
@@ -440,6 +439,17 @@ class CANetEncoder(nn.Module):
             routes = g.argmax(-1)
             return Routing(routes, g.gather(1, routes[:, None]).squeeze(1), logits)
         return Routing(self.pick(logits), None, logits)
+
+    @torch.no_grad()
+    def frozen_logits(self, items, lengths):
+        """The consolidated router's logits, always in eval mode: without
+        dropout a training row's rung is the one its user is served on."""
+        was = self.router.training
+        self.router.eval()
+        try:
+            return self.router(items, lengths)
+        finally:
+            self.router.train(was)
 
     def pick(self, logits, cost_bias=None):
         """Deterministic inference routes: argmax of the logits less the
@@ -458,11 +468,24 @@ class CANetEncoder(nn.Module):
         from cheap to costly for the rungs."""
         return logits.double().softmax(-1) @ self.route_ratio
 
+    def rung_of(self, logits):
+        """[N] each user's rung index: the score interval that holds its
+        expected FLOP ratio (0 = the cheapest group)."""
+        return torch.bucketize(self.expected_ratio(logits), self.rung_cuts, right=True)
+
     def rung_pick(self, logits):
-        """Consolidated routes [N]: the rung whose score interval holds the
-        user's expected FLOP ratio."""
-        g = torch.bucketize(self.expected_ratio(logits), self.rung_cuts, right=True)
-        return self.rung_routes[g]
+        """Consolidated routes [N]: the route of each user's rung."""
+        return self.rung_routes[self.rung_of(logits)]
+
+    @torch.no_grad()
+    def lifted_rungs(self, items, lengths, u, share: float):
+        """Training routes [B] on the rungs, with a `share` of the users below
+        the top rung on a costlier rung instead (lift_rungs; u [B, 2]
+        uniforms in [0, 1)), so that every rung also learns the users of
+        the rungs below it: a router that sends a user up by mistake must
+        not cost that user its accuracy."""
+        g = self.rung_of(self.frozen_logits(items, lengths))
+        return self.rung_routes[lift_rungs(g, u.to(g.device), share, self.cfg.rungs)]
 
     @torch.no_grad()
     def set_rungs(self, logits, routes=None) -> list:
@@ -677,6 +700,15 @@ def rung_groups(score, k: int):
     score = score.double()
     cuts = torch.quantile(score, q) if k > 1 else score.new_zeros(0)
     return cuts, torch.bucketize(score, cuts, right=True)
+
+
+def lift_rungs(group, u, share: float, k: int):
+    """Rung indices [N] of `group` [N] (of k) with each user below the top
+    rung moved, when u[:, 0] < share, to a costlier rung drawn uniformly
+    from those above it by u[:, 1]. u [N, 2] uniforms in [0, 1)."""
+    above = k - 1 - group
+    step = 1 + (u[:, 1] * above).long().clamp_max((above - 1).clamp_min(0))
+    return torch.where((u[:, 0] < share) & (above > 0), group + step, group)
 
 
 def rung_votes(picked, group, k: int):
