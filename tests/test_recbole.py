@@ -100,6 +100,48 @@ def test_canet_trains_and_beats_random(tmp_path, monkeypatch):
     assert broken < floor, (broken, floor, ndcg)
 
 
+def test_rungs_in_recbole(tmp_path, monkeypatch):
+    """canet_rungs: after epoch canet_rung_epoch the routes become rungs on
+    the validation users; the next epoch trains on them with the lift; the
+    selection restarts there, so RecBole's best checkpoint, reloaded for the
+    test, carries the rungs and serves every test user on one of them."""
+    from canet_kernels.model import CANet
+
+    lifted = []
+    real = CANet.lifted_rungs
+
+    def spy(self, items, lengths, u, share):
+        lifted.append(share)
+        return real(self, items, lengths, u, share)
+
+    monkeypatch.setattr(CANet, "lifted_rungs", spy)
+    # validation scores that peak before the rungs (epoch 1): the selection
+    # must still take an epoch on the rungs
+    from recbole.trainer import trainer as rbt
+    scores = iter([0.9, 0.1, 0.2])
+
+    def fake_valid(self, valid_data, show_progress=False):
+        v = next(scores)
+        return v, {"ndcg@10": v}
+
+    monkeypatch.setattr(rbt.Trainer, "_valid_epoch", fake_valid)
+    model, trainer, result, test_data = run_recbole(
+        CANetRec, tmp_path, monkeypatch, epochs=3, canet_rungs=2, canet_rung_epoch=2,
+        stopping_step=1)
+    assert trainer.best_valid_score == 0.2
+    assert model.canet.has_rungs                        # the reloaded best checkpoint
+    rungs = set(model.canet.rung_routes.tolist())
+    counts = trainer.last_eval["route_counts"]
+    assert sum(counts[r] for r in rungs) == sum(counts) == len(test_data.dataset)
+    assert lifted and set(lifted) == {0.25}             # epoch 3 trained on the rungs, lifted
+    assert set(model.last_stats) == {"ce", "flop_ratio", "loss"}    # router frozen
+    with pytest.raises(ValueError, match="canet_rung_choice"):
+        run_recbole(CANetRec, tmp_path, monkeypatch, canet_rungs=2, canet_rung_choice="probe")
+    with pytest.raises(ValueError, match="canet_rung_epoch must be after the warm-up"):
+        run_recbole(CANetRec, tmp_path, monkeypatch, canet_rungs=2, canet_rung_epoch=1,
+                    canet_warmup_epochs=1)
+
+
 def test_dense_variant(tmp_path, monkeypatch):
     model, trainer, result, test_data = run_recbole(CANetDenseRec, tmp_path, monkeypatch)
     floor = 4 * random_ndcg(test_data.dataset.item_num - 1)

@@ -63,6 +63,26 @@ def test_log2feats_predict_and_router_loss():
     assert (dense.last_output.route_ids == dense.cfg.max_route).all()
 
 
+def test_rungs_fix_the_routes_from_validation_users():
+    """args.canet_rungs: consolidate() takes left-padded validation ids, the
+    rungs are the votes of the same users right-padded (set_rungs), and
+    afterwards every user is on a rung with no router loss."""
+    torch.manual_seed(0)
+    m = CANetSASRec(10, 30, args_(canet_rungs=2)).train()
+    left, right, lengths = batch()
+    want = CANetSASRec(10, 30, args_(canet_rungs=2))
+    want.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        want_rungs = want.encoder.set_rungs(want.encoder.router.eval()(
+            torch.as_tensor(right), lengths))
+    assert m.consolidate([left[:2], left[2:]]) == want_rungs
+    assert m.training                                      # mode kept
+    pos = np.where(left > 0, 3, 0)
+    m(None, left, pos, pos)
+    assert set(m.last_output.route_ids.tolist()) <= set(want_rungs)
+    assert m.router_loss().item() == 0
+
+
 def test_example_script_runs():
     sys.path.insert(0, os.path.join(ROOT, "examples"))
     import sasrec_style

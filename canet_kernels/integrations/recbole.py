@@ -34,9 +34,13 @@ Config keys (every default is the CANetConfig / TrainConfig field default):
                        route is that SASRec (as integrations.sasrec does)
   MAX_ITEM_LIST_LENGTH RecBole's sequence length is canet's max_len
   canet_path           "routed" (canet ops, default) or "masked"
-  canet_calibrate_flops, canet_spend_budget, canet_warmup_epochs
-                       TrainConfig's calibrate_flops, spend_budget and
-                       warmup_epochs, used by CANetTrainer
+  canet_calibrate_flops, canet_spend_budget, canet_warmup_epochs,
+  canet_rung_epoch, canet_rung_lift
+                       TrainConfig's fields of those names, used by
+                       CANetTrainer (with canet_rungs K: after epoch
+                       canet_rung_epoch the routes become K rungs by the
+                       validation users' votes, see CANetTrainer; the probe,
+                       canet_rung_choice: probe, is canet train's only)
 
 Item ids: RecBole's `n_items` counts the padding id 0, so canet's n_items is
 one less, and canet's score rows [B, n_items + 1] are RecBole's [B, n_items].
@@ -225,6 +229,18 @@ class CANetRec(SequentialRecommender):
         self.calibrate_flops = bool(train_option(config, "calibrate_flops"))
         self.warmup_epochs = int(train_option(config, "warmup_epochs"))
         self.warmup = False               # set per epoch by CANetTrainer
+        self.rung_epoch = int(train_option(config, "rung_epoch"))
+        self.rung_lift = float(train_option(config, "rung_lift"))
+        if self.canet_cfg.rungs:
+            if train_option(config, "rung_choice") != "vote":
+                raise ValueError("canet_rung_choice: CANetTrainer consolidates by the "
+                                 "validation users' votes only ('vote'), got "
+                                 f"{train_option(config, 'rung_choice')!r}")
+            if self.rung_epoch <= self.warmup_epochs:
+                raise ValueError(f"canet_rung_epoch must be after the warm-up "
+                                 f"({self.warmup_epochs}), got {self.rung_epoch}")
+            if not 0.0 <= self.rung_lift < 1.0:
+                raise ValueError(f"canet_rung_lift must be in [0, 1), got {self.rung_lift}")
         seed = _get(config, "seed")
         self._gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
         self.register_buffer("route_counts", torch.zeros(
@@ -257,9 +273,11 @@ class CANetRec(SequentialRecommender):
     def calculate_loss(self, interaction):
         items, lengths = self._batch(interaction)
         target = interaction[self.POS_ITEM_ID]
-        loss, stats = self.canet.loss(items, lengths, target,
-                                      routes=self._fixed_routes(items.shape[0], items.device),
-                                      path=self.path)
+        routes = self._fixed_routes(items.shape[0], items.device)
+        if routes is None and self.canet.has_rungs and self.rung_lift > 0:
+            u = torch.rand(items.shape[0], 2, generator=self._gen)
+            routes = self.canet.lifted_rungs(items, lengths, u, self.rung_lift)
+        loss, stats = self.canet.loss(items, lengths, target, routes=routes, path=self.path)
         self.last_stats = stats
         return loss
 
@@ -305,15 +323,21 @@ class CANetRec(SequentialRecommender):
         if self.dense:
             return 0.0
         spend = self.spend_budget if spend is None else spend
+        return self.canet.calibrate(self._eval_batches(eval_data), spend=spend)
+
+    @torch.no_grad()
+    def consolidate(self, eval_data) -> list:
+        """Consolidates the routes into canet_rungs rungs from a RecBole
+        evaluation dataloader of held-out (validation) users: each group's
+        most common route (CANetEncoder.set_rungs). Returns the rung routes."""
+        return self.canet.consolidate(self._eval_batches(eval_data))
+
+    def _eval_batches(self, eval_data):
         dev = self.canet.cost_bias.device
-
-        def batches():
-            for batch in eval_data:
-                inter = batch[0] if isinstance(batch, tuple) else batch
-                items, lengths = self._batch(inter)
-                yield items.to(dev), lengths.to(dev)
-
-        return self.canet.calibrate(batches(), spend=spend)
+        for batch in eval_data:
+            inter = batch[0] if isinstance(batch, tuple) else batch
+            items, lengths = self._batch(inter)
+            yield items.to(dev), lengths.to(dev)
 
 
 class CANetDenseRec(CANetRec):
@@ -329,15 +353,19 @@ class CANetDenseRec(CANetRec):
 class CANetTrainer(_rb_trainer.Trainer):
     """RecBole's Trainer plus, for CANetRec: the inference cost bias set on
     the validation users before each validation, the supernet warm-up epochs
-    (canet_warmup_epochs, sandwich routes), and the routes and mean FLOP
-    ratio of each evaluation (`last_eval`, and `flop_ratio` in the result).
-    Validation selection, early stopping and checkpoints stay RecBole's.
-    `epoch_seconds` holds each training epoch's wall time."""
+    (canet_warmup_epochs, sandwich routes), the rungs (canet_rungs: after
+    epoch canet_rung_epoch the routes are consolidated on the validation
+    users, RecBole's best-model selection restarts there, and no early stop
+    comes before it), and the routes and mean FLOP ratio of each evaluation
+    (`last_eval`, and `flop_ratio` in the result). Validation selection,
+    early stopping and checkpoints are otherwise RecBole's. `epoch_seconds`
+    holds each training epoch's wall time."""
 
     def __init__(self, config, model):
         super().__init__(config, model)
         self.last_eval: dict | None = None
         self.epoch_seconds: list = []
+        self.epochs_trained = 0
 
     def _canet(self):
         return self.model if isinstance(self.model, CANetRec) else None
@@ -349,16 +377,25 @@ class CANetTrainer(_rb_trainer.Trainer):
         t = time.perf_counter()
         out = super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
         self.epoch_seconds.append(time.perf_counter() - t)
+        self.epochs_trained = epoch_idx + 1
         if m is not None:
             m.warmup = False
         return out
 
     def _valid_epoch(self, valid_data, show_progress=False):
         m = self._canet()
-        if m is not None and m.calibrate_flops and not m.dense:
-            bias = m.calibrate(valid_data)
-            self.logger.info(f"canet: inference cost bias {bias:.4g} "
-                             "(calibrated on the validation users)")
+        if m is not None and not m.dense:
+            if m.calibrate_flops and not m.canet.has_rungs:
+                bias = m.calibrate(valid_data)
+                self.logger.info(f"canet: inference cost bias {bias:.4g} "
+                                 "(calibrated on the validation users)")
+            if m.canet_cfg.rungs and not m.canet.has_rungs:
+                if self.epochs_trained >= m.rung_epoch:
+                    rungs = m.consolidate(valid_data)
+                    self.logger.info(f"canet: routes consolidated into rungs {rungs}")
+                    # select among the epochs on the rungs only (the routes served)
+                    self.best_valid_score = -np.inf if self.valid_metric_bigger else np.inf
+                self.cur_step = 0                   # no early stop before the rungs
         return super()._valid_epoch(valid_data, show_progress)
 
     @torch.no_grad()

@@ -18,6 +18,10 @@ num_heads), depths 1..num_blocks, embedding width = hidden width (tied
 scoring needs E >= D). Optional `args.canet_hidden_widths`,
 `args.canet_depths`, `args.canet_flop_target` override them;
 `args.canet_dense=True` runs the max route only (a plain SASRec stand-in).
+`args.canet_rungs=K`: the host calls `model.consolidate(valid_batches)`
+when it wants the routes fixed (e.g. after a few epochs; after `calibrate`);
+from then on every user takes its rung and `router_loss()` is 0 (the
+router is frozen). The rung lift is `canet train`'s and RecBole's only.
 """
 from __future__ import annotations
 
@@ -43,6 +47,8 @@ class CANetSASRec(nn.Module):
         kw = {}
         if getattr(args, "canet_flop_target", None) is not None:
             kw["flop_target"] = args.canet_flop_target
+        if getattr(args, "canet_rungs", None):
+            kw["rungs"] = int(args.canet_rungs)
         self.cfg = CANetConfig(
             n_items=int(item_num), max_len=int(args.maxlen), emb_widths=widths,
             hidden_widths=widths, depths=depths, num_heads=int(args.num_heads),
@@ -99,3 +105,8 @@ class CANetSASRec(nn.Module):
         """Inference cost bias from validation users: `batches` yields
         left-padded id arrays [B, L]."""
         return self.encoder.calibrate(((self._ids(s), None) for s in batches), target)
+
+    def consolidate(self, batches):
+        """With args.canet_rungs: fixes the routes as rungs from validation
+        users (`batches` as for calibrate). Returns the rung routes."""
+        return self.encoder.consolidate((self._ids(s), None) for s in batches)

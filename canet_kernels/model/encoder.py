@@ -631,6 +631,13 @@ class CANetEncoder(nn.Module):
             raise ValueError("calibrate: no batches given")
         return torch.cat(out)
 
+    def consolidate(self, batches) -> list:
+        """Consolidates the routes into cfg.rungs rungs from held-out users
+        (an iterable of (items, lengths), as `calibrate` takes; calibrate
+        first, the votes are the deployed routes'): set_rungs of their
+        router logits. Returns the rung routes."""
+        return self.set_rungs(self.router_logits(batches))
+
     def calibrate(self, batches, target: float | None = None, spend: bool = False) -> float:
         """Sets `cost_bias` from held-out users (an iterable of (items,
         lengths), never test users) so that the argmax routes' mean FLOP
