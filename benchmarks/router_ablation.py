@@ -86,14 +86,17 @@ VARIANTS = {
     "switch_balance_3": {"model": {"balance": "switch", "uniform_weight": 3.0}},
     # the routes consolidated into 2 rungs after epoch 10 (the ladder below,
     # inside training: the supernet goes on training on the rungs)
-    "rungs_2": {"model": {"rungs": 2}, "train": {"rung_epoch": 10}},
-    "rungs_2_e5": {"model": {"rungs": 2}, "train": {"rung_epoch": 5}},
+    "rungs_2": {"model": {"rungs": 2}, "train": {"rung_epoch": 10, "rung_lift": 0.0}},
+    "rungs_2_e5": {"model": {"rungs": 2}, "train": {"rung_epoch": 5, "rung_lift": 0.0}},
     # ... with a quarter of the cheap rung's rows training on the costly rung
     # (a user the router sends up by mistake is served well there)
     "rungs_2_lift": {"model": {"rungs": 2}, "train": {"rung_epoch": 10, "rung_lift": 0.25}},
+    # ... and the votes taken after calibration lifts routes up to the FLOP target
+    "rungs_2_lift_spend": {"model": {"rungs": 2}, "train": {"rung_epoch": 10, "rung_lift": 0.25,
+                                                            "spend_budget": True}},
     # ... each rung's route chosen on validation users by the supernet's
     # metric under the FLOP target instead of the router's vote
-    "rungs_2_probe": {"model": {"rungs": 2}, "train": {"rung_epoch": 10,
+    "rungs_2_probe": {"model": {"rungs": 2}, "train": {"rung_epoch": 10, "rung_lift": 0.0,
                                                        "rung_choice": "probe"}},
 }
 
@@ -151,6 +154,18 @@ def by_type(values, types):
     """Mean of per-user `values` [U] over the simple (0) and complex (1) users."""
     return {name: float(values[types == t].mean()) for t, name in ((0, "simple"), (1, "complex"))
             if bool((types == t).any())}
+
+
+def by_type_and_route(routes, values, types):
+    """{kind: {route: [users, mean of values]}}: which route served which
+    kind of user, and how well."""
+    out = {}
+    for t, name in ((0, "simple"), (1, "complex")):
+        m = types == t
+        out[name] = {int(r): [int((m & (routes == r)).sum()),
+                              float(values[m & (routes == r)].mean())]
+                     for r in routes[m].unique().tolist()}
+    return out
 
 
 def train_row_users(ds):
@@ -286,6 +301,8 @@ def train_on_routes(model, tcfg, split, tr_routes, v_routes, t_routes, types, re
             "route_counts": test["route_counts"],
             "flop_ratio_by_type": by_type(ratios[t_routes], types),
             "ndcg@10_by_type": by_type(torch.tensor(test["per_user"]["ndcg@10"]), types),
+            "by_type_and_route": by_type_and_route(t_routes, torch.tensor(
+                test["per_user"]["ndcg@10"]), types),
             "history": history, "train_seconds": secs,
             "per_user_ndcg@10": test["per_user"]["ndcg@10"]}
 
@@ -309,6 +326,8 @@ def run_one(mcfg, tcfg, split, types, ref, probe=(), keep_model=False):
            "route_counts": test["route_counts"],
            "flop_ratio_by_type": by_type(ratios[routes], types),
            "ndcg@10_by_type": by_type(torch.tensor(test["per_user"]["ndcg@10"]), types),
+           "by_type_and_route": by_type_and_route(routes, torch.tensor(
+               test["per_user"]["ndcg@10"]), types),
            "best_epoch": res["best_epoch"], "epochs_run": res["epochs_run"],
            "train_seconds": res["train_seconds"], "wall_seconds": wall,
            "per_user_ndcg@10": test["per_user"]["ndcg@10"]}

@@ -84,7 +84,7 @@ class TrainConfig:
     rung_choice: str = "vote"
     # on the rungs, the share of each batch's users below the top rung that
     # train on a costlier rung instead of their own (CANetEncoder.lifted_rungs)
-    rung_lift: float = 0.0
+    rung_lift: float = 0.25
     # stop after the first epoch that brings training time past this (a
     # wall-time budget for slow machines); None = no limit
     max_train_seconds: float | None = None
