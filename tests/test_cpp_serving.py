@@ -88,6 +88,29 @@ def test_compiled_package_matches_python(served):
         crec.recommend([1, 0])
 
 
+def test_compiled_package_serves_the_rungs(tmp_path):
+    """A model consolidated into rungs, saved, exported and compiled: the
+    package serves every user on its rung, as the Python API does, with
+    rungs set apart from the router's own argmax."""
+    model = tiny_model(seed=2, rungs=2)
+    hs = histories(40, seed=5)
+    items, lengths = pad_right([h[-model.cfg.max_len:] for h in hs], model.cfg.max_len)
+    model.consolidate([(items, lengths)])
+    model.rung_routes.copy_(torch.tensor([3, 0]))     # the costly route for the cheap group
+    rec = Recommender.load(save_run(model, tmp_path / "run"))
+    path = str(tmp_path / "model.pt2")
+    assert serving.main(["export", "--ckpt", str(tmp_path / "run"), "--out", path,
+                         "-k", str(K), "--variant", "plain"]) == 0
+    crec = CompiledRecommender(path)
+    routes = []
+    for h in requests():
+        want, got = rec.recommend(h, k=K), crec.recommend(h, k=K)
+        assert (got.items, got.route) == (want.items, want.route), h
+        assert close(got.scores, want.scores)
+        routes.append(got.route)
+    assert set(routes) == {0, 3}
+
+
 def test_compiled_package_serves_threads(served):
     _, path = served
     crec = CompiledRecommender(path)

@@ -19,10 +19,10 @@ from helpers import one_thread, run_threads  # noqa: F401  (autouse fixture)
 N_ITEMS = 60
 
 
-def tiny_model(seed=0, n_items=N_ITEMS, max_len=12):
+def tiny_model(seed=0, n_items=N_ITEMS, max_len=12, **kw):
     torch.manual_seed(seed)
     cfg = CANetConfig(n_items=n_items, max_len=max_len, emb_widths=(8, 16),
-                      hidden_widths=(8, 16), depths=(1, 2), num_heads=2)
+                      hidden_widths=(8, 16), depths=(1, 2), num_heads=2, **kw)
     m = CANet(cfg).eval()
     with torch.no_grad():  # make every layer and the router matter
         for layer in m.net.layers:
