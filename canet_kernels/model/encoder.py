@@ -444,12 +444,13 @@ class CANetEncoder(nn.Module):
     def frozen_logits(self, items, lengths):
         """The consolidated router's logits, always in eval mode: without
         dropout a training row's rung is the one its user is served on."""
-        was = self.router.training
+        if not self.router.training:      # inference: nothing to switch (export, compile)
+            return self.router(items, lengths)
         self.router.eval()
         try:
             return self.router(items, lengths)
         finally:
-            self.router.train(was)
+            self.router.train()
 
     def pick(self, logits, cost_bias=None):
         """Deterministic inference routes: argmax of the logits less the
