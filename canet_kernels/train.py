@@ -109,6 +109,9 @@ class TrainConfig:
 # Settings that may change on --resume without changing the run.
 _RESUMABLE = {"epochs", "progress", "patience", "eval_batch_size", "max_train_seconds",
               "device"}
+# What a setting was before it existed, where that is not its default: a
+# checkpoint written then ran with this value.
+_BEFORE = {"rung_lift": 0.0}
 
 
 def set_seed(seed: int):
@@ -563,8 +566,8 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
         old = read_config(out_dir)
         if old["model"] != model_cfg.to_dict():
             raise ValueError(f"{out_dir}: model config differs from the checkpoint's")
-        # settings added after a checkpoint was written count as their defaults
-        defaults = TrainConfig().to_dict()
+        # settings added after a checkpoint was written count as what ran then
+        defaults = {**TrainConfig().to_dict(), **_BEFORE}
         diff = {k for k, v in tcfg.to_dict().items()
                 if old["train"].get(k, defaults[k]) != v and k not in _RESUMABLE}
         if diff:

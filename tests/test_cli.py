@@ -146,6 +146,17 @@ def test_resume_refuses_a_different_run(tmp_path):
         train(mcfg, tcfg, split, out, src, resume=True, log=lambda *_: None)
     with pytest.raises(FileNotFoundError):
         train(mcfg, tcfg, split, str(tmp_path / "none"), src, resume=True)
+    # a checkpoint from before rung_lift existed ran without the lift: resuming
+    # it with today's default would change the run
+    tcfg.lr = TrainConfig().lr
+    path = os.path.join(out, "config.json")
+    with open(path) as f:
+        saved = json.load(f)
+    del saved["train"]["rung_lift"]
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    with pytest.raises(ValueError, match="rung_lift"):
+        train(mcfg, tcfg, split, out, src, resume=True, log=lambda *_: None)
 
 
 def test_same_seed_same_run(tmp_path):
