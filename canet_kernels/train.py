@@ -544,11 +544,8 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
         raise ValueError(f"model max_len {model_cfg.max_len} < data max_len {split.max_len}")
     if tcfg.router_mode not in ("canet", "value"):
         raise ValueError(f"router_mode must be 'canet' or 'value', got {tcfg.router_mode!r}")
-    if model_cfg.rungs and not tcfg.warmup_epochs < tcfg.rung_epoch <= tcfg.epochs:
-        raise ValueError(f"rung_epoch must be after the warm-up ({tcfg.warmup_epochs}) and "
-                         f"at most epochs ({tcfg.epochs}), got {tcfg.rung_epoch}")
-    if not 0.0 <= tcfg.rung_lift < 1.0:
-        raise ValueError(f"rung_lift must be in [0, 1), got {tcfg.rung_lift}")
+    check_rungs(model_cfg.rungs, tcfg.warmup_epochs, tcfg.rung_epoch, tcfg.rung_lift,
+                tcfg.epochs)
     if tcfg.rung_choice not in ("vote", "probe"):
         raise ValueError(f"rung_choice must be 'vote' or 'probe', got {tcfg.rung_choice!r}")
     if model_cfg.n_items < split.n_items:
@@ -607,12 +604,13 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
                 # drawn for the whole batch: the generator advances as in one process
                 routes = sandwich_routes(model.cfg, len(batch), gen)[part]
             items, targets = tr.items[idx, :L].to(device), tr.targets[idx, :L].to(device)
+            lengths = lengths.to(device)
             if routes is None and model.has_rungs and tcfg.rung_lift > 0:
                 u = torch.rand(len(batch), 2, generator=gen)[part]   # as in one process
-                routes = model.lifted_rungs(items, lengths.to(device), u, tcfg.rung_lift)
+                routes = model.lifted_rungs(items, lengths, u, tcfg.rung_lift)
             cand = value_candidates(model.cfg, tcfg.router_candidates, gen) if value else None
             with shared_plans():   # the backward kernels reuse the forward's tile plans
-                loss, st = step(items, lengths.to(device), targets,
+                loss, st = step(items, lengths, targets,
                                 None if routes is None else routes.to(device), tcfg.path,
                                 None if cand is None else cand.to(device))
                 opt.zero_grad(set_to_none=True)
@@ -700,6 +698,19 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
         dist.table.unshard()            # the returned model scores the whole table
     dist.barrier()  # no rank exits while another still waits on it (that aborts gloo)
     return model.eval(), results
+
+
+def check_rungs(rungs: int, warmup_epochs: int, rung_epoch: int, rung_lift: float,
+                epochs: int | None = None, prefix: str = ""):
+    """Errors naming the setting (`prefix` + its name, e.g. RecBole's
+    "canet_") for rung settings that cannot run: with rungs, a rung epoch in
+    the warm-up or past `epochs` (when given); a lift share outside [0, 1)."""
+    if rungs and not (warmup_epochs < rung_epoch and (epochs is None or rung_epoch <= epochs)):
+        most = "" if epochs is None else f" and at most epochs ({epochs})"
+        raise ValueError(f"{prefix}rung_epoch must be after the warm-up ({warmup_epochs})"
+                         f"{most}, got {rung_epoch}")
+    if not 0.0 <= rung_lift < 1.0:
+        raise ValueError(f"{prefix}rung_lift must be in [0, 1), got {rung_lift}")
 
 
 def _rungs_pending(model: CANet, eval_route) -> bool:

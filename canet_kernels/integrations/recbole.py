@@ -67,7 +67,7 @@ import numpy as np
 import torch
 
 from ..model import CANet, CANetConfig
-from ..train import TrainConfig, flop_ratio, sandwich_routes
+from ..train import TrainConfig, check_rungs, flop_ratio, sandwich_routes
 
 try:
     import recbole  # noqa: F401
@@ -236,11 +236,8 @@ class CANetRec(SequentialRecommender):
                 raise ValueError("canet_rung_choice: CANetTrainer consolidates by the "
                                  "validation users' votes only ('vote'), got "
                                  f"{train_option(config, 'rung_choice')!r}")
-            if self.rung_epoch <= self.warmup_epochs:
-                raise ValueError(f"canet_rung_epoch must be after the warm-up "
-                                 f"({self.warmup_epochs}), got {self.rung_epoch}")
-            if not 0.0 <= self.rung_lift < 1.0:
-                raise ValueError(f"canet_rung_lift must be in [0, 1), got {self.rung_lift}")
+            check_rungs(self.canet_cfg.rungs, self.warmup_epochs, self.rung_epoch,
+                        self.rung_lift, prefix="canet_")
         seed = _get(config, "seed")
         self._gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
         self.register_buffer("route_counts", torch.zeros(
