@@ -189,8 +189,9 @@ def cmd_route_stats(args):
     rungs = None
     if model.has_rungs:
         rungs = {"routes": model.rung_routes.tolist(), "cuts": model.rung_cuts.tolist()}
+        by = "history length" if model.cfg.rung_signal == "length" else "expected FLOP ratio"
         print(f"consolidated into {model.cfg.rungs} rungs: routes {rungs['routes']}, by the "
-              f"expected FLOP ratio cut at {[round(c, 4) for c in rungs['cuts']]}")
+              f"{by} cut at {[round(c, 4) for c in rungs['cuts']]}")
     if args.json:
         # the form benchmarks read (providers.load_route_mix)
         mc = model.cfg

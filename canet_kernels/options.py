@@ -17,7 +17,7 @@ MODEL_OPTIONS = ("max_len", "emb_widths", "hidden_widths", "depths", "num_heads"
                  "dropout", "flop_target", "budget_weight", "guide_weight",
                  "uniform_weight", "residual_scale_init", "tie_embeddings",
                  "guide_signal", "guide_labels", "balance", "tau_end", "noise_end",
-                 "budget_shape", "router_stats", "distill", "rungs")
+                 "budget_shape", "router_stats", "distill", "rungs", "rung_signal")
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "path",
                  "eval_every", "patience", "mask_seen", "calibrate_flops",
                  "spend_budget", "warmup_epochs", "router_mode", "router_candidates",
@@ -49,6 +49,8 @@ HELP = {
              "consolidated into K fixed rungs (users cut into K groups by the FLOP ratio "
              "the router expects; each group's most common route), the router freezes "
              "and the supernet trains on them",
+    "rung_signal": "with --rungs K: what cuts the users into the K groups: router = the "
+                   "FLOP ratio the router expects; length = the history length",
     "rung_epoch": "with --rungs K: the epoch after which the routes become rungs",
     "rung_choice": "with --rungs K: vote = each group's most common route; probe = the "
                    "routes with the best validation metric per group under --flop-target",
@@ -74,7 +76,7 @@ HELP = {
 }
 ALIASES = {"num_heads": ("--heads",)}
 CHOICES = {"path": ("routed", "masked"), "router_mode": ("canet", "value"),
-           "rung_choice": ("vote", "probe"),
+           "rung_choice": ("vote", "probe"), "rung_signal": ("router", "length"),
            "guide_signal": ("train", "holdout"), "guide_labels": ("small", "sandwich"),
            "balance": ("kl", "switch", "mi"), "budget_shape": ("relu", "two_sided")}
 

@@ -334,7 +334,7 @@ class Recommender:
         with torch.inference_mode():
             items, lengths = pad_right([h[-self.max_len:] for h in hists],
                                        max(min(len(h), self.max_len) for h in hists))
-            r = self.model.pick(self.model.router(items, lengths)).tolist()
+            r = self.model.route(items, lengths).routes.tolist()
         return r[0] if single else r
 
     def export(self, path: str, k: int = 10, variant: str = "plain", **kwargs) -> str:
@@ -359,7 +359,7 @@ class Recommender:
         seen = torch.tensor(hist, dtype=torch.int64)
         x = seen[-T:]
         if route is None:
-            route = int(self.model.pick(self.model.router(x[None], self._len[T]))[0])
+            route = int(self.model.route(x[None], self._len[T]).routes[0])
         e, d, depth = self.table[route]
         cu, wd = self._cu[T], self._width[d]
         h = torch.nn.functional.embedding(x, self._emb[e]) + self._pos[e][:T]   # [T, e]
@@ -386,7 +386,7 @@ class Recommender:
         items, lengths = pad_right([h[-self.max_len:] for h in hists],
                                    max(min(len(h), self.max_len) for h in hists))
         if routes is None:
-            rid = model.pick(model.router(items, lengths))
+            rid = model.route(items, lengths).routes
         else:
             rid = torch.tensor(routes, dtype=torch.int64)
         r, _ = net.resolve_routes(rid, B, items.device)
@@ -447,10 +447,11 @@ class ServingGraph(nn.Module):
         net, cfg = m.net, m.cfg
         T = items.shape[0]
         lengths = torch.ones_like(items).sum().reshape(1)                 # [1] = T
-        logits = m.router(items[None], lengths)
-        if self.rungs:
-            picked = m.rung_pick(logits)
+        if self.rungs:   # the router runs only if the rungs cut on its score
+            logits = m.router(items[None], lengths) if cfg.rung_signal == "router" else None
+            picked = m.rung_pick(logits, lengths)
         else:   # pick's argmax, without its Python branch on the bias
+            logits = m.router(items[None], lengths)
             picked = (logits.double() - m.cost_bias * m.route_ratio[None]).argmax(-1)
         r = torch.where(route >= 0, route, picked)
         e, d, depth = m.route_emb[r], m.route_hid[r], m.route_depth[r]

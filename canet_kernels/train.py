@@ -342,7 +342,12 @@ def consolidate(model: CANet, es: EvalSet, tcfg: TrainConfig,
     logits = _all_logits(model, es, tcfg.eval_batch_size, dist)
     routes = probe_rungs(model, es, logits, tcfg, dist) if tcfg.rung_choice == "probe" \
         else None
-    return model.set_rungs(logits, routes)
+    return model.set_rungs(logits, routes, lengths=_rung_lengths(model, es))
+
+
+def _rung_lengths(model: CANet, es: EvalSet):
+    """The users' lengths when the rungs cut on them, else None."""
+    return es.lengths if model.cfg.rung_signal == "length" else None
 
 
 # The least a route must buy, per unit of FLOP ratio, in validation metric
@@ -355,7 +360,7 @@ RUNG_MIN_PRICE = 0.01
 def probe_rungs(model: CANet, es: EvalSet, logits, tcfg: TrainConfig,
                 dist: distributed.Context | None = None) -> torch.Tensor:
     """Rung routes [K] chosen on held-out users: the users of each rung's
-    group (rung_groups of their expected FLOP ratio) are evaluated on every
+    group (rung_groups of their rung_score) are evaluated on every
     route of the current supernet, and each group takes
     argmax_r metric_g(r) - price * ratio_r, cheaper routes first on ties, at
     the lowest price >= RUNG_MIN_PRICE * (the best route's metric) whose mean
@@ -363,7 +368,7 @@ def probe_rungs(model: CANet, es: EvalSet, logits, tcfg: TrainConfig,
     under the target)."""
     cfg = model.cfg
     K, R = cfg.rungs, cfg.num_routes
-    _, group = rung_groups(model.expected_ratio(logits).cpu(), K)
+    _, group = rung_groups(model.rung_score(logits, _rung_lengths(model, es)).cpu(), K)
     n = torch.bincount(group, minlength=K).double()
     metric = torch.zeros(K, R, dtype=torch.float64)
     for r in range(R):

@@ -297,3 +297,90 @@ def test_training_on_the_rungs_lifts_a_share_of_the_users(monkeypatch, lift):
         assert up == 0.0
     else:
         assert 0.3 < up < 0.7, up
+
+
+# ------------------------------------------------ rung_signal = "length" --
+
+def test_length_rungs_cut_at_the_length_quantiles():
+    """The groups are quantiles of the history length, not of the router:
+    cut points, votes and picks checked by hand (numpy), and the logits no
+    longer move a user's rung."""
+    m = tiny(rungs=3, rung_signal="length")
+    L = np.array([1, 2, 2, 3, 5, 6, 7, 8, 8])
+    rng = np.random.default_rng(0)
+    lg = rng.normal(size=(9, 4))
+    cuts = np.quantile(L.astype(float), [1 / 3, 2 / 3])
+    group = np.searchsorted(cuts, L, side="right")      # a length on a cut goes up
+    picked = lg.argmax(1)
+    want = [np.bincount(picked[group == g], minlength=4).argmax() for g in range(3)]
+    assert m.set_rungs(torch.tensor(lg), lengths=torch.tensor(L)) == want
+    assert np.allclose(m.rung_cuts.numpy(), cuts)
+    assert m.set_rungs(torch.tensor(lg), [0, 1, 3], lengths=torch.tensor(L)) == [0, 1, 3]
+    by_len = [[0, 1, 3][g] for g in group]
+    assert m.pick(torch.tensor(lg), lengths=torch.tensor(L)).tolist() == by_len
+    other = torch.tensor(rng.normal(size=(9, 4)) * 10)
+    assert m.pick(other, lengths=torch.tensor(L)).tolist() == by_len
+    with pytest.raises(ValueError, match="lengths"):
+        m.pick(torch.tensor(lg))
+    with pytest.raises(ValueError, match=r"lengths must be \[9\]"):
+        m.set_rungs(torch.tensor(lg), lengths=torch.tensor(L[:4]))
+    with pytest.raises(ValueError, match="rung_signal"):
+        CANetConfig(n_items=5, rungs=2, rung_signal="loss", **TINY)
+
+
+def test_length_rungs_route_training_and_every_serving_path():
+    """Once cut by length, training rows, Recommender (one user and a
+    batch), the serving graph and its torch.export all route by the
+    length's rung, whatever the router says."""
+    torch.manual_seed(2)
+    m = tiny(rungs=2, rung_signal="length")
+    m.set_rungs(torch.randn(4, 4), [3, 0], lengths=torch.tensor([1, 2, 6, 8]))
+    cut = float(m.rung_cuts[0])                          # 4.0: lengths >= 4 go to route 0
+    hists = [[3, 7, 1, 9, 4], [2], [5, 5, 6, 1, 2, 3, 4, 8], [6, 2, 9]]
+    want = [0 if len(h) >= cut else 3 for h in hists]
+    assert want == [0, 3, 0, 3]
+    items, n = D.pad_right(hists, 8)
+    m.train()
+    for p in m.router.parameters():                      # the router is not read
+        p.data.normal_()
+    assert m.route(items, n).routes.tolist() == want
+    assert m.lifted_rungs(items, n, torch.ones(4, 2) * 0.9, 0.25).tolist() == want
+    m.eval()
+    rec = Recommender(m)
+    assert [rec.route(h) for h in hists] == want == rec.route(hists)
+    assert [r.route for r in rec.recommend(hists, k=3)] == want
+    assert [rec.recommend(h, k=3).route for h in hists] == want
+    g = ServingGraph(m, k=3, variant="ops")
+    args = (torch.tensor(hists[0]), torch.tensor(hists[0]), torch.tensor([-1]))
+    dims = ({0: torch.export.Dim("T", min=1, max=m.cfg.max_len)},
+            {0: torch.export.Dim("S", min=1, max=64)}, None)
+    ep = torch.export.export(g, args, dynamic_shapes=dims, strict=False).module()
+    with torch.no_grad():
+        for h, w in zip(hists, want):
+            a = (torch.tensor(h), torch.tensor(h), torch.tensor([-1]))
+            assert int(g(*a)[2][0]) == int(ep(*a)[2][0]) == w
+
+
+def test_training_cuts_the_rungs_on_the_validation_lengths(monkeypatch):
+    """canet train with rung_signal "length": the cut points are the
+    validation users' length quantiles, the probe groups users by them, and
+    every test user is served on its length's rung."""
+    split = D.leave_one_out(D.synthetic(120, 40, seed=3), max_len=8)
+    cfg = CANetConfig(n_items=split.n_items, rungs=2, rung_signal="length", **TINY)
+    groups = []
+    real = T.rung_groups
+
+    def spy(score, k):
+        groups.append(score.clone())
+        return real(score, k)
+
+    monkeypatch.setattr(T, "rung_groups", spy)
+    model, res = T.train(cfg, T.TrainConfig(epochs=3, rung_epoch=1, batch_size=16,
+                                            rung_choice="probe", progress=False),
+                         split, log=lambda *_: None)
+    vl = split.valid.lengths.double()
+    assert torch.equal(groups[0], vl)                     # the probe's groups
+    assert torch.allclose(model.rung_cuts, torch.quantile(vl, torch.tensor([0.5]).double()))
+    g = (split.test.lengths.double() >= model.rung_cuts[0]).long()
+    want = torch.bincount(model.rung_routes[g], minlength=cfg.num_routes).tolist()
+    assert res["test"]["route_counts"] == want

@@ -39,7 +39,8 @@ Config keys (every default is the CANetConfig / TrainConfig field default):
                        TrainConfig's fields of those names, used by
                        CANetTrainer (with canet_rungs K: after epoch
                        canet_rung_epoch the routes become K rungs by the
-                       validation users' votes, see CANetTrainer; the probe,
+                       validation users' votes, the groups cut as
+                       canet_rung_signal says, see CANetTrainer; the probe,
                        canet_rung_choice: probe, is canet train's only)
 
 Item ids: RecBole's `n_items` counts the padding id 0, so canet's n_items is

@@ -49,6 +49,7 @@ class CANetSASRec(nn.Module):
             kw["flop_target"] = args.canet_flop_target
         if getattr(args, "canet_rungs", None):
             kw["rungs"] = int(args.canet_rungs)
+            kw["rung_signal"] = getattr(args, "canet_rung_signal", "router")
         self.cfg = CANetConfig(
             n_items=int(item_num), max_len=int(args.maxlen), emb_widths=widths,
             hidden_widths=widths, depths=depths, num_heads=int(args.num_heads),

@@ -27,8 +27,9 @@ whose argmax routes meet the FLOP target (optionally a negative one, so that
 routes below the target spend the budget). With cfg.rungs = K the routes are
 consolidated during training into K fixed rungs (CANetEncoder.set_rungs,
 train.consolidate): from then on a user's route is the rung of the FLOP
-ratio the router expects for it, in training and at inference, and only the
-CE trains.
+ratio the router expects for it (or of its history length, with
+cfg.rung_signal = "length"), in training and at inference, and only the CE
+trains.
 
 Router gradient: the routes are hard (straight-through Gumbel-softmax one-hot
 in training), so each sample's final hidden state is multiplied by the

@@ -84,6 +84,11 @@ class CANetConfig:
     #   the rung of its score, the router is frozen and the supernet trains on
     #   these routes. Few, stable routes instead of many that move.
     rungs: int = 0
+    # rung_signal: what orders users into the rungs' groups. "router" = the
+    #   FLOP ratio the router expects for them (above); "length" = their
+    #   history length (the input's, at most max_len), a measured signal of
+    #   complexity that a router trained on a memorised label may not learn.
+    rung_signal: str = "router"
 
     def __post_init__(self):
         if self.residual_scale_init is not None and self.residual_scale_init <= 0:
@@ -110,7 +115,8 @@ class CANetConfig:
         for name, ok in (("guide_signal", ("train", "holdout")),
                          ("guide_labels", ("small", "sandwich")),
                          ("balance", ("kl", "switch", "mi")),
-                         ("budget_shape", ("relu", "two_sided"))):
+                         ("budget_shape", ("relu", "two_sided")),
+                         ("rung_signal", ("router", "length"))):
             if getattr(self, name) not in ok:
                 raise ValueError(f"{name} must be one of {ok}, got {getattr(self, name)!r}")
         if self.noise_end is not None and not 0 <= self.noise_end <= 1:

@@ -426,7 +426,8 @@ class CANetEncoder(nn.Module):
         (set_rungs), the rung of each user in both, with no gate or logits
         (the router is frozen and has no loss)."""
         if self.has_rungs:
-            return Routing(self.rung_pick(self.frozen_logits(items, lengths)), None, None)
+            return Routing(self.rung_pick(self.frozen_logits(items, lengths), lengths),
+                           None, None)
         logits = self.router(items, lengths)
         if self.training:
             if self.noise == 1.0:
@@ -443,7 +444,10 @@ class CANetEncoder(nn.Module):
     @torch.no_grad()
     def frozen_logits(self, items, lengths):
         """The consolidated router's logits, always in eval mode: without
-        dropout a training row's rung is the one its user is served on."""
+        dropout a training row's rung is the one its user is served on.
+        None when the rungs do not read the router (rung_signal "length")."""
+        if self.cfg.rung_signal == "length":   # the router is not read
+            return None
         if not self.router.training:      # inference: nothing to switch (export, compile)
             return self.router(items, lengths)
         self.router.eval()
@@ -452,11 +456,12 @@ class CANetEncoder(nn.Module):
         finally:
             self.router.train()
 
-    def pick(self, logits, cost_bias=None):
+    def pick(self, logits, cost_bias=None, lengths=None):
         """Deterministic inference routes: argmax of the logits less the
-        price of each route's FLOP ratio (the rungs once consolidated)."""
+        price of each route's FLOP ratio (the rungs once consolidated; the
+        users' `lengths` [N] are needed when they are cut by length)."""
         if self.has_rungs:
-            return self.rung_pick(logits)
+            return self.rung_pick(logits, lengths)
         c = self.cost_bias if cost_bias is None else cost_bias
         if float(c) == 0.0:
             return logits.argmax(-1)
@@ -469,14 +474,25 @@ class CANetEncoder(nn.Module):
         from cheap to costly for the rungs."""
         return logits.double().softmax(-1) @ self.route_ratio
 
-    def rung_of(self, logits):
-        """[N] each user's rung index: the score interval that holds its
-        expected FLOP ratio (0 = the cheapest group)."""
-        return torch.bucketize(self.expected_ratio(logits), self.rung_cuts, right=True)
+    def rung_score(self, logits, lengths=None):
+        """[N] float64 what orders users into the rungs' groups
+        (cfg.rung_signal): the expected FLOP ratio of their router `logits`
+        [N, R], or their history `lengths` [N]."""
+        if self.cfg.rung_signal == "length":
+            if lengths is None:
+                raise ValueError("rung_signal 'length': the users' lengths are needed")
+            return torch.as_tensor(lengths).reshape(-1).to(self.rung_cuts.device,
+                                                           torch.float64)
+        return self.expected_ratio(logits)
 
-    def rung_pick(self, logits):
+    def rung_of(self, logits, lengths=None):
+        """[N] each user's rung index: the interval of the cut points that
+        holds its rung_score (0 = the cheapest group)."""
+        return torch.bucketize(self.rung_score(logits, lengths), self.rung_cuts, right=True)
+
+    def rung_pick(self, logits, lengths=None):
         """Consolidated routes [N]: the route of each user's rung."""
-        return self.rung_routes[self.rung_of(logits)]
+        return self.rung_routes[self.rung_of(logits, lengths)]
 
     @torch.no_grad()
     def lifted_rungs(self, items, lengths, u, share: float):
@@ -485,17 +501,17 @@ class CANetEncoder(nn.Module):
         uniforms in [0, 1)), so that every rung also learns the users of
         the rungs below it: a router that sends a user up by mistake must
         not cost that user its accuracy."""
-        g = self.rung_of(self.frozen_logits(items, lengths))
+        g = self.rung_of(self.frozen_logits(items, lengths), lengths)
         return self.rung_routes[lift_rungs(g, u.to(g.device), share, self.cfg.rungs)]
 
     @torch.no_grad()
-    def set_rungs(self, logits, routes=None) -> list:
+    def set_rungs(self, logits, routes=None, lengths=None) -> list:
         """Consolidates the router's routes into cfg.rungs rungs from held-out
-        (validation) users' logits [N, R]: the users are cut into equal
-        groups at quantiles of their expected FLOP ratio (rung_groups), and
-        each group's rung is `routes[g]` if given, else the route the current
-        inference pick (argmax less the cost bias) gives most of them
-        (rung_votes). Returns the rung routes."""
+        (validation) users' logits [N, R] (and history `lengths` [N]): the
+        users are cut into equal groups at quantiles of their rung_score
+        (rung_groups), and each group's rung is `routes[g]` if given, else
+        the route the current inference pick (argmax less the cost bias)
+        gives most of them (rung_votes). Returns the rung routes."""
         K = self.cfg.rungs
         if not K:
             raise ValueError("set_rungs: the model was built with rungs=0")
@@ -510,7 +526,10 @@ class CANetEncoder(nn.Module):
                                  f"[0, {self.cfg.num_routes}), got {routes.tolist()}")
         self.rung_routes.fill_(-1)                  # pick below: the router's own routes
         self._rungs_set = False
-        cuts, group = rung_groups(self.expected_ratio(logits).cpu(), K)
+        if lengths is not None and torch.as_tensor(lengths).numel() != logits.shape[0]:
+            raise ValueError(f"set_rungs: lengths must be [{logits.shape[0]}], "
+                             f"got {tuple(torch.as_tensor(lengths).shape)}")
+        cuts, group = rung_groups(self.rung_score(logits, lengths).cpu(), K)
         rung = rung_votes(self.pick(logits).cpu(), group, K) if routes is None else routes
         self.rung_cuts.copy_(cuts)
         self.rung_routes.copy_(rung)
@@ -616,28 +635,31 @@ class CANetEncoder(nn.Module):
 
     # -------------------------------------------------------- calibration --
     @torch.no_grad()
-    def router_logits(self, batches):
+    def router_logits(self, batches, with_lengths: bool = False):
         """Router logits [N, R] (eval mode) over an iterable of (items,
-        lengths) batches, any padding the encoder accepts."""
+        lengths) batches, any padding the encoder accepts; with
+        `with_lengths`, (logits, the users' lengths [N])."""
         was = self.training
         self.eval()
-        out = []
+        out, ns = [], []
         try:
             for items, lengths in batches:
                 x, n, left = self.net.layout(items, lengths)
                 out.append(self.router(_shift(x, n, True) if left else x, n))
+                ns.append(n.reshape(-1))
         finally:
             self.train(was)
         if not out:
             raise ValueError("calibrate: no batches given")
-        return torch.cat(out)
+        return (torch.cat(out), torch.cat(ns)) if with_lengths else torch.cat(out)
 
     def consolidate(self, batches) -> list:
         """Consolidates the routes into cfg.rungs rungs from held-out users
         (an iterable of (items, lengths), as `calibrate` takes; calibrate
         first, the votes are the deployed routes'): set_rungs of their
-        router logits. Returns the rung routes."""
-        return self.set_rungs(self.router_logits(batches))
+        router logits and lengths. Returns the rung routes."""
+        logits, lengths = self.router_logits(batches, with_lengths=True)
+        return self.set_rungs(logits, lengths=lengths)
 
     def calibrate(self, batches, target: float | None = None, spend: bool = False) -> float:
         """Sets `cost_bias` from held-out users (an iterable of (items,
