@@ -91,6 +91,12 @@ VARIANTS = {
     # ... with a quarter of the cheap rung's rows training on the costly rung
     # (a user the router sends up by mistake is served well there)
     "rungs_2_lift": {"model": {"rungs": 2}, "train": {"rung_epoch": 10, "rung_lift": 0.25}},
+    # ... with each rung's route chosen by the probe (as rungs_2_probe)
+    "rungs_2_probe_lift": {"model": {"rungs": 2}, "train": {"rung_epoch": 10, "rung_lift": 0.25,
+                                                            "rung_choice": "probe"}},
+    # ... with the groups cut by history length instead of the router's score
+    "rungs_2_length_lift": {"model": {"rungs": 2, "rung_signal": "length"},
+                            "train": {"rung_epoch": 10, "rung_lift": 0.25}},
     # ... and the votes taken after calibration lifts routes up to the FLOP target
     "rungs_2_lift_spend": {"model": {"rungs": 2}, "train": {"rung_epoch": 10, "rung_lift": 0.25,
                                                             "spend_budget": True}},
