@@ -68,3 +68,66 @@ def test_accuracy_real_reports_and_reuses_dense(tmp_path):
         d = json.load(f)["datasets"]["LastFM"]["dense"]
     assert d["test"]["ndcg@10"] == e["dense"]["test"]["ndcg@10"]
     assert d["read_from"].endswith(os.path.join("LastFM", "dense"))
+
+
+def test_compute_need_spearman_matches_scipy():
+    """compute_need's rank correlation (average ranks for ties) against
+    scipy's, on tied and untied data."""
+    stats = pytest.importorskip("scipy.stats")
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from compute_need import spearman, top_share
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, generator=g)
+    b = a + torch.randn(200, generator=g)
+    ties = torch.randint(0, 4, (200,), generator=g).double()   # heavy ties, as NDCG has
+    for x, y in ((a, b), (ties, b), (ties, ties.flip(0))):
+        want = stats.spearmanr(x.numpy(), y.numpy()).statistic
+        assert abs(spearman(x, y) - want) < 1e-12
+    assert top_share(torch.tensor([0.1, 3.0, 2.0, 2.0, -1.0]), 0.4).tolist() == \
+        [False, True, True, False, False]
+
+
+def test_compute_need_share_router_by_hand():
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from compute_need import share_router
+    large = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    small = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    gain = torch.tensor([2.0, 1.0, 0.5, -1.0], dtype=torch.float64)
+    # the two largest scores (users 0, 1) on the large model: 1, 0; the rest small: 0, 1
+    r = share_router(torch.tensor([3.0, 2.0, 1.0, 0.0]), 0.5, large, small, gain)
+    assert r["test_ndcg@10"] == 0.5
+    assert abs(r["vs_random"] - 0.5 / 0.375) < 1e-12   # random: mean of 0.5, 0, 0.5, 0.5
+    assert r["test_gain_of_chosen"] == 1.5 and r["test_gain_of_others"] == -0.25
+
+
+def test_compute_need_end_to_end(tmp_path):
+    """Two tiny runs of `canet train` on the synthetic data: the report has
+    every field the README reads, and each router's ratio is its NDCG over
+    the random choice's expectation."""
+    common = ["-m", "canet_kernels.cli", "train", "--synthetic-users", "80",
+              "--synthetic-items", "40", "--max-len", "8", "--epochs", "1", "--batch-size", "32",
+              "--no-progress", "--threads", "1", "--heads", "2"]
+    large, small = str(tmp_path / "large"), str(tmp_path / "small")
+    run([*common, "--emb-widths", "16", "--hidden-widths", "16", "--depths", "2",
+         "--out", large], tmp_path)
+    run([*common, "--emb-widths", "8", "--hidden-widths", "8", "--depths", "1",
+         "--out", small], tmp_path)
+    out = str(tmp_path / "need.json")
+    text = run(["benchmarks/compute_need.py", "--pair", large, small, "--threads", "1",
+                "--out", out], tmp_path)
+    assert "share 0.25 on the large model" in text
+    with open(out) as f:
+        p = json.load(f)["pairs"][0]
+    assert p["users"] == 80 and p["small_route"] == [8, 8, 1]
+    for k in ("difficulty_valid_vs_test", "gain_valid_vs_test", "gain_test_vs_length"):
+        assert -1 <= p["spearman"][k] <= 1
+    nd = p["test_ndcg@10"]
+    for f, rows in p["routers"].items():
+        want = float(f) * nd["large"] + (1 - float(f)) * nd["small"]
+        assert abs(rows["random"]["test_ndcg@10"] - want) < 1e-9
+        for name in ("validation_gain", "longest", "shortest"):
+            r = rows[name]
+            assert abs(r["vs_random"] - r["test_ndcg@10"] / want) < 1e-9
+            assert r["ci95"][0] <= r["ci95"][1]
