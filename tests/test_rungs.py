@@ -214,6 +214,15 @@ def test_no_stop_before_the_rungs(monkeypatch):
     assert model.has_rungs and res["epochs_run"] == 1 and res["best_epoch"] == 1
 
 
+def exported(g, hist):
+    """torch.export of a ServingGraph `g`, the history and seen lengths
+    dynamic, traced on `hist`."""
+    args = (torch.tensor(hist), torch.tensor(hist), torch.tensor([-1]))
+    dims = ({0: torch.export.Dim("T", min=1, max=g.model.cfg.max_len)},
+            {0: torch.export.Dim("S", min=1, max=64)}, None)
+    return torch.export.export(g, args, dynamic_shapes=dims, strict=False).module()
+
+
 def test_exported_graph_routes_by_the_rungs():
     """torch.export of the serving graph (what export_package compiles)
     keeps the rung branch: routes and top-k of the exported program are
@@ -227,10 +236,7 @@ def test_exported_graph_routes_by_the_rungs():
                 for h in hists}
     m.rung_routes.fill_(next(r for r in range(4) if r not in free))
     g = ServingGraph(m, k=3, variant="ops")
-    args = (torch.tensor(hists[0]), torch.tensor(hists[0]), torch.tensor([-1]))
-    dims = ({0: torch.export.Dim("T", min=1, max=m.cfg.max_len)},
-            {0: torch.export.Dim("S", min=1, max=64)}, None)
-    ep = torch.export.export(g, args, dynamic_shapes=dims, strict=False).module()
+    ep = exported(g, hists[0])
     with torch.no_grad():
         for h in hists:
             a = (torch.tensor(h), torch.tensor(h), torch.tensor([-1]))
@@ -351,10 +357,7 @@ def test_length_rungs_route_training_and_every_serving_path():
     assert [r.route for r in rec.recommend(hists, k=3)] == want
     assert [rec.recommend(h, k=3).route for h in hists] == want
     g = ServingGraph(m, k=3, variant="ops")
-    args = (torch.tensor(hists[0]), torch.tensor(hists[0]), torch.tensor([-1]))
-    dims = ({0: torch.export.Dim("T", min=1, max=m.cfg.max_len)},
-            {0: torch.export.Dim("S", min=1, max=64)}, None)
-    ep = torch.export.export(g, args, dynamic_shapes=dims, strict=False).module()
+    ep = exported(g, hists[0])
     with torch.no_grad():
         for h, w in zip(hists, want):
             a = (torch.tensor(h), torch.tensor(h), torch.tensor([-1]))
