@@ -47,7 +47,8 @@ HELP = {
     "distill": "weight of in-place distillation from the max route (0 = off)",
     "rungs": "0: the router picks any route per user; K: at --rung-epoch its routes are "
              "consolidated into K fixed rungs (users cut into K groups by the FLOP ratio "
-             "the router expects; each group's most common route), the router freezes "
+             "the router expects; each group's most common route within --flop-target), "
+             "the router freezes "
              "and the supernet trains on them",
     "rung_signal": "with --rungs K: what cuts the users into the K groups: router = the "
                    "FLOP ratio the router expects; length = the history length",

@@ -28,7 +28,7 @@ from . import distributed
 from .data import EvalSet, Split, batches
 from .metrics import MetricAccumulator, full_ranking
 from .model import CANet, CANetConfig
-from .model.encoder import lowest_price, rung_groups
+from .model.encoder import choose_under_target, rung_groups
 from .ops import shared_plans
 
 CHECKPOINT_FORMAT = 1
@@ -377,20 +377,9 @@ def probe_rungs(model: CANet, es: EvalSet, logits, tcfg: TrainConfig,
         pu = torch.tensor(res["per_user"][tcfg.select_metric], dtype=torch.float64)
         metric[:, r] = torch.zeros(K, dtype=torch.float64).index_add_(0, group, pu) / \
             n.clamp_min(1)
-    ratio = model.route_ratio.cpu()
-    order = ratio.argsort(stable=True)            # ties: the cheaper route
-
-    def choose(price):
-        return order[(metric - price * ratio[None])[:, order].argmax(1)]
-
-    def mean_ratio(price):
-        return float((n * ratio[choose(price)]).sum() / n.sum())
-
     best = float((n @ metric).max() / n.sum())     # the best single route's metric
-    floor = RUNG_MIN_PRICE * best
-    if cfg.flop_target is None:
-        return choose(floor)
-    return choose(lowest_price(mean_ratio, cfg.flop_target, floor))
+    return choose_under_target(metric, n, model.route_ratio.cpu(), cfg.flop_target,
+                               floor=RUNG_MIN_PRICE * best)
 
 
 def sandwich_routes(cfg: CANetConfig, n: int, gen: torch.Generator):

@@ -32,7 +32,7 @@ def expected_ratio(logits, ratios):
 
 
 def test_set_rungs_cuts_at_the_quantiles_and_takes_each_groups_vote():
-    m = tiny(rungs=2)
+    m = tiny(rungs=2, flop_target=None)       # plain votes (the target: below)
     ratios = m.cfg.route_flop_ratios()       # 4 routes, cheapest first
     assert sorted(ratios) == ratios
     # users 0-5 lean cheap (argmax routes 1, 1, 1, 0, 0, 1), users 6-9 costly
@@ -56,8 +56,37 @@ def test_set_rungs_cuts_at_the_quantiles_and_takes_each_groups_vote():
     assert m.pick(torch.tensor(lg), cost_bias=100.0).tolist() == picked
 
 
+@pytest.mark.parametrize("target,want", [(0.7, [0, 3]), (0.45, [0, 1]), (0.3, [0, 1]),
+                                         (0.15, [0, 0])])
+def test_votes_keep_the_flop_target(target, want):
+    """A group's most common route can cost more than its users' mean, so
+    votes alone overshoot the target; under it each group takes the route
+    of most votes less a price per unit of FLOP ratio, at the lowest price
+    that meets it. Values by hand: route FLOP ratios 0.142, 0.269, 0.516,
+    1.0; group 1's votes 5 / 3 / 2 for routes 3 / 2 / 1 (shares 0.5 / 0.3 /
+    0.2): route 3 wins below a price of 0.413, then route 1 (route 2 is
+    never the best at any price: 0.3 - 0.516 p < max(0.5 - p, 0.2 - 0.269 p),
+    so [0, 2], within 0.45 at 9 votes, is not reached: a Lagrangian, as
+    the probe's)."""
+    from canet_kernels.model.encoder import rung_votes
+    m = tiny(flop_target=target)
+    ratios = np.array(m.cfg.route_flop_ratios())
+    assert np.allclose(ratios, [0.1423, 0.2687, 0.5158, 1.0], atol=1e-4)
+    picked = torch.tensor([0] * 6 + [1] * 4 + [3] * 5 + [2] * 3 + [1] * 2)
+    group = torch.tensor([0] * 10 + [1] * 10)
+    got = rung_votes(picked, group, 2, m.route_ratio, target).tolist()
+    assert got == want
+    assert (ratios[got[0]] + ratios[got[1]]) / 2 <= target
+    assert rung_votes(picked, group, 2).tolist() == [0, 3]     # no target: the modes
+    # through set_rungs: the same users' rungs (logits whose argmax is `picked`)
+    lg = torch.full((20, 4), -5.0)
+    lg[torch.arange(20), picked] = 5.0
+    lg[:10, 0] += 1.0                                         # group 0 scores low
+    assert m.set_rungs(lg) == want
+
+
 def test_set_rungs_with_tied_scores_fills_empty_groups():
-    m = tiny(rungs=3)
+    m = tiny(rungs=3, flop_target=None)
     lg = torch.zeros(6, 4)
     lg[:, 2] = 1.0                            # every user alike: one score
     assert m.set_rungs(lg) == [2, 2, 2]

@@ -80,7 +80,8 @@ class CANetConfig:
     #   at TrainConfig.rung_epoch the router's routes are consolidated into K
     #   fixed rungs (CANetEncoder.set_rungs): validation users are cut into K
     #   equal groups by the FLOP ratio the router expects for them, each
-    #   group's rung is the route most of them get; from then on a user takes
+    #   group's rung is the route most of them get (within flop_target:
+    #   rung_votes); from then on a user takes
     #   the rung of its score, the router is frozen and the supernet trains on
     #   these routes. Few, stable routes instead of many that move.
     rungs: int = 0

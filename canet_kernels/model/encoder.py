@@ -511,7 +511,8 @@ class CANetEncoder(nn.Module):
         users are cut into equal groups at quantiles of their rung_score
         (rung_groups), and each group's rung is `routes[g]` if given, else
         the route the current inference pick (argmax less the cost bias)
-        gives most of them (rung_votes). Returns the rung routes."""
+        gives most of them, within cfg.flop_target (rung_votes). Returns
+        the rung routes."""
         K = self.cfg.rungs
         if not K:
             raise ValueError("set_rungs: the model was built with rungs=0")
@@ -530,7 +531,8 @@ class CANetEncoder(nn.Module):
             raise ValueError(f"set_rungs: lengths must be [{logits.shape[0]}], "
                              f"got {tuple(torch.as_tensor(lengths).shape)}")
         cuts, group = rung_groups(self.rung_score(logits, lengths).cpu(), K)
-        rung = rung_votes(self.pick(logits).cpu(), group, K) if routes is None else routes
+        rung = rung_votes(self.pick(logits).cpu(), group, K, self.route_ratio.cpu(),
+                          self.cfg.flop_target) if routes is None else routes
         self.rung_cuts.copy_(cuts)
         self.rung_routes.copy_(rung)
         self._rungs_set = True
@@ -741,12 +743,42 @@ def lift_rungs(group, u, share: float, k: int):
     return torch.where((u[:, 0] < share) & (above > 0), group + step, group)
 
 
-def rung_votes(picked, group, k: int):
+def rung_votes(picked, group, k: int, ratio=None, target: float | None = None):
     """[k] each group's most common route of `picked` [N] (a group left
-    empty by ties: the overall most common)."""
-    common = torch.mode(picked).values
-    return torch.stack([torch.mode(picked[group == g]).values if bool((group == g).any())
-                        else common for g in range(k)])
+    empty by ties: the overall most common; ties: the cheaper route). With
+    the routes' FLOP `ratio` [R] and a `target`, the most votes whose
+    users' mean FLOP ratio meets it (choose_under_target on the groups'
+    vote shares): votes alone can overshoot, as a group's most common
+    route may cost more than its users' mean."""
+    R = int(picked.max()) + 1 if ratio is None else len(ratio)
+    counts = torch.zeros(k, R, dtype=torch.float64)
+    counts.index_put_((group, picked), torch.ones(len(picked), dtype=torch.float64),
+                      accumulate=True)
+    n = counts.sum(1)
+    share = torch.where(n[:, None] > 0, counts / n.clamp_min(1)[:, None],
+                        counts.sum(0) / n.sum())    # an empty group: the overall vote
+    ratio = torch.zeros(R, dtype=torch.float64) if ratio is None else ratio.double().cpu()
+    return choose_under_target(share, n, ratio, target)
+
+
+def choose_under_target(metric, n, ratio, target: float | None, floor: float = 0.0):
+    """[K] one route per group: argmax_r metric[g, r] - price * ratio[r]
+    (cheaper routes first on ties) at the lowest price >= floor whose mean
+    FLOP ratio over the groups' users (n [K]) meets `target` (None: the
+    floor). A Lagrangian of: the most total metric under the target; it
+    keeps the target, and may miss a route that is never the best at any
+    price (one off a group's convex hull of metric against FLOP ratio)."""
+    order = ratio.argsort(stable=True)
+
+    def choose(price):
+        return order[(metric - price * ratio[None])[:, order].argmax(1)]
+
+    def mean_ratio(price):
+        return float((n * ratio[choose(price)]).sum() / n.sum().clamp_min(1))
+
+    if target is None:
+        return choose(floor)
+    return choose(lowest_price(mean_ratio, target, floor))
 
 
 def guide_loss(cfg: CANetConfig, probs, hit):
