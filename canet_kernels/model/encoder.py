@@ -13,6 +13,7 @@ real position's state [B, D], and the routes used.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -762,12 +763,13 @@ def rung_votes(picked, group, k: int, ratio=None, target: float | None = None):
 
 
 def choose_under_target(metric, n, ratio, target: float | None, floor: float = 0.0):
-    """[K] one route per group: argmax_r metric[g, r] - price * ratio[r]
-    (cheaper routes first on ties) at the lowest price >= floor whose mean
-    FLOP ratio over the groups' users (n [K]) meets `target` (None: the
-    floor). A Lagrangian of: the most total metric under the target; it
-    keeps the target, and may miss a route that is never the best at any
-    price (one off a group's convex hull of metric against FLOP ratio)."""
+    """[K] one route per group for the most total metric (metric [K, R] per
+    user, n [K] users per group) whose mean FLOP ratio meets `target`, each
+    route having to buy at least `floor` of metric per unit of FLOP ratio:
+    argmax_r metric[g, r] - price * ratio[r] (cheaper routes first on ties)
+    at the lowest price >= floor that meets the target (None: the floor),
+    then, as a Lagrangian misses the routes that are best at no price (off
+    a group's convex hull), the budget left is filled greedily."""
     order = ratio.argsort(stable=True)
 
     def choose(price):
@@ -778,7 +780,25 @@ def choose_under_target(metric, n, ratio, target: float | None, floor: float = 0
 
     if target is None:
         return choose(floor)
-    return choose(lowest_price(mean_ratio, target, floor))
+    return fill_budget(metric - floor * ratio[None], n, ratio, target,
+                       choose(lowest_price(mean_ratio, target, floor)))
+
+
+def fill_budget(value, n, ratio, target: float, pick):
+    """Greedy improvement of the routes `pick` [K] under the target: while
+    some group can move to a route of higher `value` [K, R] (per user) and
+    the mean FLOP ratio still meets `target`, the move that adds the most
+    n_g * value is made."""
+    pick, budget = pick.clone(), target * float(n.sum())
+    while True:
+        room = budget - float((n * ratio[pick]).sum())
+        gain = n[:, None] * (value - value.gather(1, pick[:, None]))
+        extra = n[:, None] * (ratio[None] - ratio[pick][:, None])
+        ok = (gain > 1e-12) & (extra <= room + 1e-9)
+        if not bool(ok.any()):
+            return pick
+        g, r = divmod(int(torch.where(ok, gain, -math.inf).argmax()), value.shape[1])
+        pick[g] = r
 
 
 def guide_loss(cfg: CANetConfig, probs, hit):
