@@ -364,8 +364,8 @@ def probe_rungs(model: CANet, es: EvalSet, logits, tcfg: TrainConfig,
     route of the current supernet, and each group takes
     argmax_r metric_g(r) - price * ratio_r, cheaper routes first on ties, at
     the lowest price >= RUNG_MIN_PRICE * (the best route's metric) whose mean
-    FLOP ratio meets cfg.flop_target (a Lagrangian of: the best total metric
-    under the target)."""
+    FLOP ratio meets cfg.flop_target, the budget left then filled greedily
+    (choose_under_target: the best total metric under the target)."""
     cfg = model.cfg
     K, R = cfg.rungs, cfg.num_routes
     _, group = rung_groups(model.rung_score(logits, _rung_lengths(model, es)).cpu(), K)
