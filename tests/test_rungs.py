@@ -387,6 +387,10 @@ def test_length_rungs_cut_at_the_length_quantiles():
         m.pick(torch.tensor(lg))
     with pytest.raises(ValueError, match=r"lengths must be \[9\]"):
         m.set_rungs(torch.tensor(lg), lengths=torch.tensor(L[:4]))
+    with pytest.raises(ValueError, match="lengths are needed"):
+        m.set_rungs(torch.tensor(lg))
+    # a refused consolidation leaves the rungs as they were
+    assert m.has_rungs and m.pick(other, lengths=torch.tensor(L)).tolist() == by_len
     with pytest.raises(ValueError, match="rung_signal"):
         CANetConfig(n_items=5, rungs=2, rung_signal="loss", **TINY)
 

@@ -526,12 +526,13 @@ class CANetEncoder(nn.Module):
                     bool((routes >= self.cfg.num_routes).any()):
                 raise ValueError(f"set_rungs: routes must be {K} route ids in "
                                  f"[0, {self.cfg.num_routes}), got {routes.tolist()}")
-        self.rung_routes.fill_(-1)                  # pick below: the router's own routes
-        self._rungs_set = False
         if lengths is not None and torch.as_tensor(lengths).numel() != logits.shape[0]:
             raise ValueError(f"set_rungs: lengths must be [{logits.shape[0]}], "
                              f"got {tuple(torch.as_tensor(lengths).shape)}")
-        cuts, group = rung_groups(self.rung_score(logits, lengths).cpu(), K)
+        score = self.rung_score(logits, lengths).cpu()   # checked before the rungs change
+        self.rung_routes.fill_(-1)                  # pick below: the router's own routes
+        self._rungs_set = False
+        cuts, group = rung_groups(score, K)
         rung = rung_votes(self.pick(logits).cpu(), group, K, self.route_ratio.cpu(),
                           self.cfg.flop_target) if routes is None else routes
         self.rung_cuts.copy_(cuts)
