@@ -77,7 +77,8 @@ class TrainConfig:
     # selected among this one and the later ones (all on the rungs)
     rung_epoch: int = 10
     # how each rung's route is chosen: "vote" = the route most of its users
-    # get from the router; "probe" = the current supernet is evaluated on
+    # get from the router (over the FLOP target: the routes that hold the
+    # routes of most of them, rung_votes); "probe" = the current supernet is evaluated on
     # every route for each group's validation users, and the routes with the
     # best total metric under the model's FLOP target are taken
     # (probe_rungs)

@@ -56,32 +56,51 @@ def test_set_rungs_cuts_at_the_quantiles_and_takes_each_groups_vote():
     assert m.pick(torch.tensor(lg), cost_bias=100.0).tolist() == picked
 
 
-@pytest.mark.parametrize("target,want", [(0.7, [0, 3]), (0.45, [0, 2]), (0.3, [0, 1]),
-                                         (0.15, [0, 0])])
-def test_votes_keep_the_flop_target(target, want):
+@pytest.mark.parametrize("target,want,nested", [(0.7, [0, 3], [0, 3]),
+                                                (0.45, [0, 2], [1, 2]),
+                                                (0.3, [0, 1], [1, 1]),
+                                                (0.15, [0, 0], [0, 0])])
+def test_votes_keep_the_flop_target(target, want, nested):
     """A group's most common route can cost more than its users' mean, so
-    votes alone overshoot the target; under it the rungs take the most
-    votes whose mean FLOP ratio meets it. Values by hand: route FLOP ratios
+    votes alone overshoot the target. Values by hand: route FLOP ratios
     0.142, 0.269, 0.516, 1.0; group 0 votes 6 / 4 for routes 0 / 1, group 1
-    5 / 3 / 2 for routes 3 / 2 / 1. At 0.45, [0, 2] (9 votes, mean 0.329):
-    route 2 is the best for group 1 at no price (0.3 - 0.516 p <
-    max(0.5 - p, 0.2 - 0.269 p)), so the Lagrangian alone stops at [0, 1]
-    (8 votes) and the greedy fill must find it."""
-    from canet_kernels.model.encoder import rung_votes
+    5 / 3 / 2 for routes 3 / 2 / 1; the modes [0, 3] cost 0.571.
+    Without the routes' shapes the rungs take the most votes within the
+    target: at 0.45, [0, 2] (9 votes, mean 0.329): route 2 is the best for
+    group 1 at no price (0.3 - 0.516 p < max(0.5 - p, 0.2 - 0.269 p)), so
+    the Lagrangian alone stops at [0, 1] (8 votes) and the greedy fill must
+    find it. With them (set_rungs), the routes that hold the most users'
+    routes: routes (emb, hidden, depth) (8, 8, 1), (8, 8, 2), (8, 16, 1),
+    (8, 16, 2); route 0 nests in all, 1 and 2 in 3, so group 0's routes
+    hold 0.6 / 1.0 / 0.6 / 1.0 of its users and group 1's 0 / 0.2 / 0.3 /
+    1.0: at 0.45, [1, 2] (1.3, mean 0.392); at 0.3, [1, 1] (1.2)."""
+    from canet_kernels.model.encoder import rung_votes, route_nesting
     m = tiny(flop_target=target)
     ratios = np.array(m.cfg.route_flop_ratios())
     assert np.allclose(ratios, [0.1423, 0.2687, 0.5158, 1.0], atol=1e-4)
+    assert m.cfg.routes() == [(8, 8, 1), (8, 8, 2), (8, 16, 1), (8, 16, 2)]
     picked = torch.tensor([0] * 6 + [1] * 4 + [3] * 5 + [2] * 3 + [1] * 2)
     group = torch.tensor([0] * 10 + [1] * 10)
     got = rung_votes(picked, group, 2, m.route_ratio, target).tolist()
     assert got == want
     assert (ratios[got[0]] + ratios[got[1]]) / 2 <= target
     assert rung_votes(picked, group, 2).tolist() == [0, 3]     # no target: the modes
-    # through set_rungs: the same users' rungs (logits whose argmax is `picked`)
+    nests = route_nesting(m.cfg.routes())
+    assert nests.int().tolist() == [[1, 1, 1, 1], [0, 1, 0, 1], [0, 0, 1, 1], [0, 0, 0, 1]]
+    assert rung_votes(picked, group, 2, m.route_ratio, target, nests).tolist() == nested
+    held = [[0.6, 1.0, 0.6, 1.0], [0.0, 0.2, 0.3, 1.0]]
+    if (ratios[0] + ratios[3]) / 2 <= target:
+        assert nested == [0, 3]                               # the modes fit: kept
+    else:
+        best = max((c for c in itertools.product(range(4), repeat=2)
+                    if (ratios[c[0]] + ratios[c[1]]) / 2 <= target),
+                   key=lambda c: held[0][c[0]] + held[1][c[1]])
+        assert list(best) == nested
+    # through set_rungs (logits whose argmax is `picked`): the shapes are used
     lg = torch.full((20, 4), -5.0)
     lg[torch.arange(20), picked] = 5.0
     lg[:10, 0] += 1.0                                         # group 0 scores low
-    assert m.set_rungs(lg) == want
+    assert m.set_rungs(lg) == nested
 
 
 def test_choose_under_target_against_brute_force():

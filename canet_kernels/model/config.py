@@ -80,10 +80,11 @@ class CANetConfig:
     #   at TrainConfig.rung_epoch the router's routes are consolidated into K
     #   fixed rungs (CANetEncoder.set_rungs): validation users are cut into K
     #   equal groups by the FLOP ratio the router expects for them, each
-    #   group's rung is the route most of them get (within flop_target:
-    #   rung_votes); from then on a user takes
-    #   the rung of its score, the router is frozen and the supernet trains on
-    #   these routes. Few, stable routes instead of many that move.
+    #   group's rung is the route most of them get (if these overshoot
+    #   flop_target, the routes within it that hold the routes of most of
+    #   them: rung_votes); from then on a user takes the rung of its score,
+    #   the router is frozen and the supernet trains on these routes.
+    #   Few, stable routes instead of many that move.
     rungs: int = 0
     # rung_signal: what orders users into the rungs' groups. "router" = the
     #   FLOP ratio the router expects for them (above); "length" = their

@@ -512,8 +512,9 @@ class CANetEncoder(nn.Module):
         users are cut into equal groups at quantiles of their rung_score
         (rung_groups), and each group's rung is `routes[g]` if given, else
         the route the current inference pick (argmax less the cost bias)
-        gives most of them, within cfg.flop_target (rung_votes). Returns
-        the rung routes."""
+        gives most of them (if these overshoot cfg.flop_target: the routes
+        within it that hold the routes of most of them; rung_votes).
+        Returns the rung routes."""
         K = self.cfg.rungs
         if not K:
             raise ValueError("set_rungs: the model was built with rungs=0")
@@ -534,7 +535,8 @@ class CANetEncoder(nn.Module):
         self._rungs_set = False
         cuts, group = rung_groups(score, K)
         rung = rung_votes(self.pick(logits).cpu(), group, K, self.route_ratio.cpu(),
-                          self.cfg.flop_target) if routes is None else routes
+                          self.cfg.flop_target, route_nesting(self.cfg.routes())) \
+            if routes is None else routes
         self.rung_cuts.copy_(cuts)
         self.rung_routes.copy_(rung)
         self._rungs_set = True
@@ -745,13 +747,17 @@ def lift_rungs(group, u, share: float, k: int):
     return torch.where((u[:, 0] < share) & (above > 0), group + step, group)
 
 
-def rung_votes(picked, group, k: int, ratio=None, target: float | None = None):
+def rung_votes(picked, group, k: int, ratio=None, target: float | None = None,
+               nests=None):
     """[k] each group's most common route of `picked` [N] (a group left
     empty by ties: the overall most common; ties: the cheaper route). With
-    the routes' FLOP `ratio` [R] and a `target`, the most votes whose
-    users' mean FLOP ratio meets it (choose_under_target on the groups'
-    vote shares): votes alone can overshoot, as a group's most common
-    route may cost more than its users' mean."""
+    the routes' FLOP `ratio` [R] and a `target` that these modes overshoot
+    (a group's most common route can cost more than its users' mean): with
+    `nests` [R, R] (route_nesting), the routes within the target that hold
+    the picked routes of most users (choose_under_target on that share), as
+    a route holding a user's route keeps every width and layer the router
+    gave it; without, the most votes within the target, which can be a
+    small minority's cheap route."""
     R = int(picked.max()) + 1 if ratio is None else len(ratio)
     counts = torch.zeros(k, R, dtype=torch.float64)
     counts.index_put_((group, picked), torch.ones(len(picked), dtype=torch.float64),
@@ -760,7 +766,18 @@ def rung_votes(picked, group, k: int, ratio=None, target: float | None = None):
     share = torch.where(n[:, None] > 0, counts / n.clamp_min(1)[:, None],
                         counts.sum(0) / n.sum())    # an empty group: the overall vote
     ratio = torch.zeros(R, dtype=torch.float64) if ratio is None else ratio.double().cpu()
-    return choose_under_target(share, n, ratio, target)
+    modes = choose_under_target(share, n, ratio, None)
+    if target is None or nests is None or \
+            float((n * ratio[modes]).sum() / n.sum()) <= target:
+        return choose_under_target(share, n, ratio, target)     # the modes when they fit
+    return choose_under_target(share @ nests.double().cpu(), n, ratio, target)
+
+
+def route_nesting(routes) -> torch.Tensor:
+    """[R, R] bool: route r nests in route s (its embedding width, hidden
+    width and depth each at most s's), for `routes` [(emb, hidden, depth)]."""
+    t = torch.as_tensor(routes)
+    return (t[:, None, :] <= t[None, :, :]).all(-1)
 
 
 def choose_under_target(metric, n, ratio, target: float | None, floor: float = 0.0):
