@@ -78,10 +78,10 @@ class TrainConfig:
     rung_epoch: int = 10
     # how each rung's route is chosen: "vote" = the route most of its users
     # get from the router (over the FLOP target: the routes that hold the
-    # routes of most of them, rung_votes); "probe" = the current supernet is evaluated on
-    # every route for each group's validation users, and the routes with the
-    # best total metric under the model's FLOP target are taken
-    # (probe_rungs)
+    # routes of most of them, rung_votes); "probe" = the current supernet is
+    # evaluated on every route for each group's validation users, and the
+    # routes with the best total metric under the model's FLOP target are
+    # taken (probe_rungs)
     rung_choice: str = "vote"
     # on the rungs, the share of each batch's users below the top rung that
     # train on a costlier rung instead of their own (CANetEncoder.lifted_rungs)
