@@ -53,8 +53,10 @@ HELP = {
     "rung_signal": "with --rungs K: what cuts the users into the K groups: router = the "
                    "FLOP ratio the router expects; length = the history length",
     "rung_epoch": "with --rungs K: the epoch after which the routes become rungs",
-    "rung_choice": "with --rungs K: vote = each group's most common route; probe = the "
-                   "routes with the best validation metric per group under --flop-target",
+    "rung_choice": "with --rungs K: vote = each group's most common route (if these "
+                   "overshoot --flop-target: the routes within it that hold the most "
+                   "users' routes); probe = the routes with the best validation metric "
+                   "per group under --flop-target",
     "rung_lift": "with --rungs K: the share of users below the top rung that train on a "
                  "costlier rung instead of their own (so a user sent up by mistake is "
                  "served well there)",
