@@ -100,6 +100,20 @@ VARIANTS = {
     # ... and the votes taken after calibration lifts routes up to the FLOP target
     "rungs_2_lift_spend": {"model": {"rungs": 2}, "train": {"rung_epoch": 10, "rung_lift": 0.25,
                                                             "spend_budget": True}},
+    # ... with no budget penalty in training: the FLOP target is met by the price
+    # alone (the calibrated cost bias, the votes under the target), which moves
+    # every user's choice by the same cost and so keeps their order
+    "rungs_2_lift_spend_price": {"model": {"rungs": 2, "budget_weight": 0.0},
+                                 "train": {"rung_epoch": 10, "rung_lift": 0.25,
+                                           "spend_budget": True}},
+    # ... without spend_budget: where the router's own argmax is under the
+    # target it is not lifted (a lift moves saturated simple users up too)
+    "rungs_2_lift_price": {"model": {"rungs": 2, "budget_weight": 0.0},
+                           "train": {"rung_epoch": 10, "rung_lift": 0.25}},
+    # ... and each rung's route chosen by the probe instead of the votes
+    "rungs_2_probe_lift_price": {"model": {"rungs": 2, "budget_weight": 0.0},
+                                 "train": {"rung_epoch": 10, "rung_lift": 0.25,
+                                           "rung_choice": "probe"}},
     # ... each rung's route chosen on validation users by the supernet's
     # metric under the FLOP target instead of the router's vote
     "rungs_2_probe": {"model": {"rungs": 2}, "train": {"rung_epoch": 10, "rung_lift": 0.0,

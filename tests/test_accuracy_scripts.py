@@ -46,6 +46,20 @@ def test_router_ablation_oracle_and_refit(tmp_path):
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(DATA, "LastFM.txt")),
                     reason="needs ../shared/data/LastFM.txt")
+def test_router_ablation_variants_build():
+    """Every variant names real CANetConfig / TrainConfig fields with valid
+    values (a misspelt switch would otherwise fail only hours into a run)."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.router_ablation import DEMO_MODEL, VARIANTS
+    from canet_kernels.model import CANetConfig
+    from canet_kernels.train import TrainConfig
+    base = CANetConfig(n_items=10, **DEMO_MODEL).to_dict()
+    for name, v in VARIANTS.items():
+        assert set(v) <= {"model", "train"}, name
+        CANetConfig.from_dict(dict(base, **v.get("model", {})))
+        TrainConfig(**v.get("train", {}))
+
+
 def test_accuracy_real_reports_and_reuses_dense(tmp_path):
     common = ["benchmarks/accuracy_real.py", "--datasets", "LastFM", "--limit-users", "150",
               "--epochs", "1", "--warmup-epochs", "0", "--emb-widths", "16,32",
