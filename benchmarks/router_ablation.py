@@ -114,6 +114,11 @@ VARIANTS = {
     "rungs_2_probe_lift_price": {"model": {"rungs": 2, "budget_weight": 0.0},
                                  "train": {"rung_epoch": 10, "rung_lift": 0.25,
                                            "rung_choice": "probe"}},
+    # ... with the rungs after epoch 20: the probe reads a supernet whose
+    # routes have trained longer
+    "rungs_2_probe_lift_price_e20": {"model": {"rungs": 2, "budget_weight": 0.0},
+                                     "train": {"rung_epoch": 20, "rung_lift": 0.25,
+                                               "rung_choice": "probe"}},
     # ... each rung's route chosen on validation users by the supernet's
     # metric under the FLOP target instead of the router's vote
     "rungs_2_probe": {"model": {"rungs": 2}, "train": {"rung_epoch": 10, "rung_lift": 0.0,
