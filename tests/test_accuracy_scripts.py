@@ -44,8 +44,6 @@ def test_router_ablation_oracle_and_refit(tmp_path):
     assert {r for r, c in enumerate(ft["route_counts"]) if c} <= set(ft["ladder"])
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(DATA, "LastFM.txt")),
-                    reason="needs ../shared/data/LastFM.txt")
 def test_router_ablation_variants_build():
     """Every variant names real CANetConfig / TrainConfig fields with valid
     values (a misspelt switch would otherwise fail only hours into a run)."""
@@ -60,6 +58,8 @@ def test_router_ablation_variants_build():
         TrainConfig(**v.get("train", {}))
 
 
+@pytest.mark.skipif(not os.path.exists(os.path.join(DATA, "LastFM.txt")),
+                    reason="needs ../shared/data/LastFM.txt")
 def test_accuracy_real_reports_and_reuses_dense(tmp_path):
     common = ["benchmarks/accuracy_real.py", "--datasets", "LastFM", "--limit-users", "150",
               "--epochs", "1", "--warmup-epochs", "0", "--emb-widths", "16,32",
