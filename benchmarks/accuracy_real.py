@@ -34,6 +34,7 @@ benchmarks/results/accuracy/README.md.
 
     python benchmarks/accuracy_real.py --epochs 60
     python benchmarks/accuracy_real.py --datasets LastFM --epochs 1 --limit-users 200  # smoke
+    python benchmarks/accuracy_real.py --table runs/lastfm_s0.json runs/lastfm_s1.json  # tables
 
 Not part of CI: a full run needs hours on 2 CPU cores (a GPU is better).
 """
@@ -93,6 +94,9 @@ def parse():
     p.add_argument("--resume", action="store_true")
     p.add_argument("--out", default=os.path.join(ROOT, "results", "accuracy_real.json"))
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                   help="print the markdown table of these finished runs (one row per "
+                        "data set and seed, then the seed means) and exit")
     return p.parse_args()
 
 
@@ -152,8 +156,86 @@ def run(a, kind, mcfg, tcfg, split, out, source, ref):
     return model, res
 
 
+def _quarters(q):
+    return "/".join("-" if v is None else f"{v:.2f}" for v in q["mean"]) if q else "-"
+
+
+def _vs(entry, other):
+    r = entry.get(f"ndcg10_ratio_vs_{other}")
+    return "-" if r is None else "{:.3f} [{:.2f}-{:.2f}]".format(r["ratio"], *r["ci95"])
+
+
+def _mean_se(xs):
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, float("nan")
+    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+    return m, (var / len(xs)) ** 0.5
+
+
+def markdown(reports):
+    """The table of finished runs (the JSONs this script writes, with a canet
+    run): one row per data set and seed, then per data set the seed means
+    (standard error) of dense, CANet and static test NDCG@10 and their
+    ratios."""
+    rows = ["| data | seed | CANet valid / test NDCG@10 | FLOP ratio | routes (test users) | "
+            "FLOP ratio by length quarter (short first) | by dense-loss quarter (easy first) "
+            "| logit spread users / routes | static: route, test (FLOP ratio) | "
+            "CANet / dense [95% CI] | CANet / static [95% CI] | train s CANet (static) |",
+            "|" + "---|" * 12]
+    means = {}
+    for rep in reports:
+        seed = rep["settings"]["seed"]
+        for name, e in rep["datasets"].items():
+            c = e.get("canet")
+            if c is None:
+                raise SystemExit(f"--table: {name} (seed {seed}) has no canet run")
+            t, st = c["test"], e.get("static")
+            routes = ", ".join(f"{r}: {n}" for r, n in enumerate(t["route_counts"]) if n)
+            spread = c.get("logit_spread")
+            rows.append(
+                f"| {name} | {seed} | {c['valid']['ndcg@10']:.4f} / {t['ndcg@10']:.4f} | "
+                f"{t['flop_ratio']:.3f} | {routes} | "
+                f"{_quarters(t.get('flop_ratio_by_length_quartile'))} | "
+                f"{_quarters(e.get('canet_flop_ratio_by_dense_loss_quartile'))} | "
+                + ("-" if spread is None else
+                   f"{spread['across_users']:.2f} / {spread['between_routes']:.2f}") + " | "
+                + ("-" if st is None else f"{st['route']}, {st['test']['ndcg@10']:.4f} "
+                                          f"({st['test']['flop_ratio']:.3f})")
+                + f" | {_vs(e, 'dense')} | {_vs(e, 'static')} | {c['train_seconds']:.0f}"
+                + ("" if st is None else f" ({st['train_seconds']:.0f})") + " |")
+            m = means.setdefault(name, {"canet": [], "dense": [], "static": [], "flop": []})
+            m["canet"].append(t["ndcg@10"])
+            m["flop"].append(t["flop_ratio"])
+            for other in ("dense", "static"):
+                if other in e:
+                    m[other].append(e[other]["test"]["ndcg@10"])
+    rows += ["", "| data | seeds | dense | CANet | static | CANet / dense | CANet / static |",
+             "|" + "---|" * 7]
+    for name, m in means.items():
+        cell = {k: "{:.5f} ({:.5f})".format(*_mean_se(v)) if v else "-" for k, v in m.items()}
+        flop = sum(m["flop"]) / len(m["flop"])
+        canet = sum(m["canet"]) / len(m["canet"])
+
+        def ratio(other):
+            # the seed means' ratio, only over as many seeds as CANet's
+            v = m[other]
+            return f"{canet / (sum(v) / len(v)):.3f}" if len(v) == len(m["canet"]) else "-"
+        rows.append(f"| {name} | {len(m['canet'])} | {cell['dense']} | {cell['canet']}, FLOP "
+                    f"{flop:.3f} | {cell['static']} | {ratio('dense')} at "
+                    f"{1 - flop:.1%} fewer FLOPs | {ratio('static')} |")
+    return "\n".join(rows)
+
+
 def main():
     a = parse()
+    if a.table:
+        reports = []
+        for path in a.table:
+            with open(path) as f:
+                reports.append(json.load(f))
+        print(markdown(reports))
+        return
     if a.threads:
         torch.set_num_threads(a.threads)
     kinds = [k for k in KINDS if k in a.models and not (a.skip_dense and k == "dense")]

@@ -84,6 +84,27 @@ def test_accuracy_real_reports_and_reuses_dense(tmp_path):
     assert d["read_from"].endswith(os.path.join("LastFM", "dense"))
 
 
+def test_accuracy_real_table(tmp_path):
+    """--table on committed runs prints the seed means the results README
+    reports for them (worked out when those runs were written up), and names
+    the argument when a file has no CANet run."""
+    res = os.path.join("benchmarks", "results", "accuracy")
+    text = run(["benchmarks/accuracy_real.py", "--table",
+                *[os.path.join(res, f"lastfm_s{s}_rungs4_probe_lift.json") for s in range(3)]],
+               tmp_path)
+    rows = [r for r in text.splitlines() if r.startswith("| LastFM |")]
+    assert len(rows) == 4
+    assert rows[0].startswith("| LastFM | 0 | 0.0373 / 0.0250 | 0.359 | "
+                              "14: 249, 19: 325, 28: 294, 33: 222 | 0.43/0.43/0.41/0.17 |")
+    assert rows[3] == ("| LastFM | 3 | 0.02467 (0.00051) | 0.02547 (0.00098), FLOP 0.370 | "
+                       "0.02426 (0.00163) | 1.032 at 63.0% fewer FLOPs | 1.050 |")
+    bad = tmp_path / "dense_only.json"
+    bad.write_text(json.dumps({"settings": {"seed": 0}, "datasets": {"LastFM": {}}}))
+    p = subprocess.run([sys.executable, "benchmarks/accuracy_real.py", "--table", str(bad)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "--table" in p.stderr and "no canet run" in p.stderr
+
+
 def test_compute_need_spearman_matches_scipy():
     """compute_need's rank correlation (average ranks for ties) against
     scipy's, on tied and untied data."""
