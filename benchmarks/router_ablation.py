@@ -21,6 +21,7 @@ CANet runs) in benchmarks/results/accuracy/.
 
     python benchmarks/router_ablation.py --threads 1                  # all variants
     python benchmarks/router_ablation.py --variants default switch --seeds 0
+    python benchmarks/router_ablation.py --merge s0.json s1.json s2.json --out all.json
 
 With --finetune-epochs N (its own JSON, router_ablation_finetune.json by
 default): after each CANet run the router is frozen (its argmax routes with
@@ -172,6 +173,9 @@ def parse():
     p.add_argument("--resume", action="store_true", help="keep the finished runs in --out")
     p.add_argument("--table", action="store_true",
                    help="print the markdown table of the runs in --out and exit")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="write the runs of these files (e.g. one per seed, run side by "
+                        "side) into --out as one report and exit")
     return p.parse_args()
 
 
@@ -366,8 +370,42 @@ def run_one(mcfg, tcfg, split, types, ref, probe=(), keep_model=False):
     return (rec, model) if keep_model else rec
 
 
+GROUPS = ("runs", "static_runs", "dense", "oracle")
+
+
+def merge(reports):
+    """One report of several (the same data and model, e.g. one per seed):
+    the union of their runs, the first one's settings with every seed. A run
+    key in two files must hold the same run."""
+    out = json.loads(json.dumps(reports[0]))
+    for rep in reports[1:]:
+        for k in ("data", "model"):
+            if rep.get(k) != out.get(k):
+                raise SystemExit(f"--merge: the files differ in {k!r}")
+        for g in GROUPS:
+            for key, rec in rep.get(g, {}).items():
+                have = out.setdefault(g, {}).get(key)
+                if have is not None and have != rec:
+                    raise SystemExit(f"--merge: {g} {key!r} differs between the files")
+                out[g][key] = rec
+    out["settings"]["seeds"] = sorted({s for r in reports for s in r["settings"]["seeds"]})
+    summary(out)
+    return out
+
+
 def main():
     a = parse()
+    if a.merge:
+        if a.out is None:
+            raise SystemExit("--merge needs --out")
+        reports = []
+        for path in a.merge:
+            with open(path) as f:
+                reports.append(json.load(f))
+        with open(a.out, "w") as f:
+            json.dump(merge(reports), f, indent=2)
+        print(f"wrote {a.out}")
+        return
     if a.table and a.out is None:
         a.out = os.path.join(ROOT, "benchmarks", "results", "accuracy", "router_ablation.json")
     if a.table:
@@ -389,13 +427,13 @@ def main():
     if a.resume and os.path.exists(a.out):
         with open(a.out) as f:
             old = json.load(f)
-        for k in ("runs", "static_runs", "dense", "oracle"):
+        for k in GROUPS:
             report[k] = old.get(k, {})
 
     def save():
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         slim = json.loads(json.dumps(report))       # per-user lists stay out of the file
-        for group in ("runs", "static_runs", "dense", "oracle"):
+        for group in GROUPS:
             for rec in slim[group].values():
                 rec.pop("per_user_ndcg@10", None)
                 for sub in ("static", "finetuned", "static_finetuned",

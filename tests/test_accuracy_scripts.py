@@ -58,6 +58,48 @@ def test_router_ablation_variants_build():
         TrainConfig(**v.get("train", {}))
 
 
+def test_router_ablation_merge(tmp_path):
+    """A committed report cut into one file per seed merges back into the
+    same runs and per-variant means; a run that differs between files, or
+    another data set, is refused with the argument named."""
+    with open(os.path.join(ROOT, "benchmarks", "results", "accuracy",
+                           "router_ablation_target0.2.json")) as f:
+        whole = json.load(f)
+    parts = []
+    for seed in whole["settings"]["seeds"]:
+        part = json.loads(json.dumps(whole))
+        part["settings"]["seeds"] = [seed]
+        part["runs"] = {k: v for k, v in whole["runs"].items() if v["seed"] == seed}
+        part["static_runs"] = {k: v for k, v in whole["static_runs"].items()
+                               if k.split("/")[0] == str(seed)}
+        del part["summary"]
+        path = tmp_path / f"s{seed}.json"
+        path.write_text(json.dumps(part))
+        parts.append(str(path))
+    out = str(tmp_path / "merged.json")
+    run(["benchmarks/router_ablation.py", "--merge", *parts[::-1], "--out", out], tmp_path)
+    with open(out) as f:
+        merged = json.load(f)
+    assert merged["runs"] == whole["runs"] and merged["static_runs"] == whole["static_runs"]
+    assert merged["settings"]["seeds"] == whole["settings"]["seeds"]
+    for v, s in whole["summary"].items():
+        got = merged["summary"][v]
+        assert sorted(got.pop("seeds")) == sorted(s["seeds"])
+        assert got == pytest.approx({k: x for k, x in s.items() if k != "seeds"})
+    bad = json.loads((tmp_path / "s0.json").read_text())
+    key = next(iter(bad["runs"]))
+    bad["runs"][key]["test_ndcg@10"] += 0.01
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    other = json.loads((tmp_path / "s1.json").read_text())
+    other["data"] = "another data set"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    for files, words in (([*parts, str(tmp_path / "bad.json")], key),
+                         ([parts[0], str(tmp_path / "other.json")], "'data'")):
+        p = subprocess.run([sys.executable, "benchmarks/router_ablation.py", "--merge", *files,
+                            "--out", out], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert p.returncode != 0 and "--merge" in p.stderr and words in p.stderr
+
+
 @pytest.mark.skipif(not os.path.exists(os.path.join(DATA, "LastFM.txt")),
                     reason="needs ../shared/data/LastFM.txt")
 def test_accuracy_real_reports_and_reuses_dense(tmp_path):
