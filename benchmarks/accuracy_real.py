@@ -166,11 +166,12 @@ def _vs(entry, other):
 
 
 def _mean_se(xs):
+    """'mean (standard error)'; the mean alone for one seed."""
     m = sum(xs) / len(xs)
     if len(xs) < 2:
-        return m, float("nan")
+        return f"{m:.5f}"
     var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
-    return m, (var / len(xs)) ** 0.5
+    return f"{m:.5f} ({(var / len(xs)) ** 0.5:.5f})"
 
 
 def markdown(reports):
@@ -213,7 +214,7 @@ def markdown(reports):
     rows += ["", "| data | seeds | dense | CANet | static | CANet / dense | CANet / static |",
              "|" + "---|" * 7]
     for name, m in means.items():
-        cell = {k: "{:.5f} ({:.5f})".format(*_mean_se(v)) if v else "-" for k, v in m.items()}
+        cell = {k: _mean_se(v) if v else "-" for k, v in m.items()}
         flop = sum(m["flop"]) / len(m["flop"])
         canet = sum(m["canet"]) / len(m["canet"])
 
@@ -222,8 +223,7 @@ def markdown(reports):
             v = m[other]
             return f"{canet / (sum(v) / len(v)):.3f}" if len(v) == len(m["canet"]) else "-"
         rows.append(f"| {name} | {len(m['canet'])} | {cell['dense']} | {cell['canet']}, FLOP "
-                    f"{flop:.3f} | {cell['static']} | {ratio('dense')} at "
-                    f"{1 - flop:.1%} fewer FLOPs | {ratio('static')} |")
+                    f"{flop:.3f} | {cell['static']} | {ratio('dense')} | {ratio('static')} |")
     return "\n".join(rows)
 
 
