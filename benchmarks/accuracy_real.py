@@ -232,8 +232,11 @@ def main():
     if a.table:
         reports = []
         for path in a.table:
-            with open(path) as f:
-                reports.append(json.load(f))
+            try:
+                with open(path) as f:
+                    reports.append(json.load(f))
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"--table: cannot read {path}: {e}")
         print(markdown(reports))
         return
     if a.threads:

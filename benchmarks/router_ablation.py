@@ -400,8 +400,11 @@ def main():
             raise SystemExit("--merge needs --out")
         reports = []
         for path in a.merge:
-            with open(path) as f:
-                reports.append(json.load(f))
+            try:
+                with open(path) as f:
+                    reports.append(json.load(f))
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"--merge: cannot read {path}: {e}")
         with open(a.out, "w") as f:
             json.dump(merge(reports), f, indent=2)
         print(f"wrote {a.out}")

@@ -94,7 +94,8 @@ def test_router_ablation_merge(tmp_path):
     other["data"] = "another data set"
     (tmp_path / "other.json").write_text(json.dumps(other))
     for files, words in (([*parts, str(tmp_path / "bad.json")], key),
-                         ([parts[0], str(tmp_path / "other.json")], "'data'")):
+                         ([parts[0], str(tmp_path / "other.json")], "'data'"),
+                         ([parts[0], os.path.join(ROOT, "README.md")], "cannot read")):
         p = subprocess.run([sys.executable, "benchmarks/router_ablation.py", "--merge", *files,
                             "--out", out], cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert p.returncode != 0 and "--merge" in p.stderr and words in p.stderr
@@ -149,6 +150,10 @@ def test_accuracy_real_table(tmp_path):
     p = subprocess.run([sys.executable, "benchmarks/accuracy_real.py", "--table", str(bad)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and "--table" in p.stderr and "no canet run" in p.stderr
+    p = subprocess.run([sys.executable, "benchmarks/accuracy_real.py", "--table",
+                         str(tmp_path / "missing.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "--table: cannot read" in p.stderr and "missing.json" in p.stderr
 
 
 def test_compute_need_spearman_matches_scipy():
