@@ -227,17 +227,23 @@ def markdown(reports):
     return "\n".join(rows)
 
 
+def read_reports(paths, flag):
+    """The JSON files `paths`; one that cannot be read is named in an error
+    that names the option `flag` too."""
+    reports = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                reports.append(json.load(f))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{flag}: cannot read {path}: {e}")
+    return reports
+
+
 def main():
     a = parse()
     if a.table:
-        reports = []
-        for path in a.table:
-            try:
-                with open(path) as f:
-                    reports.append(json.load(f))
-            except (OSError, ValueError) as e:
-                raise SystemExit(f"--table: cannot read {path}: {e}")
-        print(markdown(reports))
+        print(markdown(read_reports(a.table, "--table")))
         return
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -59,7 +59,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from benchmarks.accuracy_real import bootstrap_ratio, routes_under, single_route  # noqa: E402
+from benchmarks.accuracy_real import (bootstrap_ratio, read_reports, routes_under,  # noqa: E402
+                                      single_route)
 from canet_kernels import data as D  # noqa: E402
 from canet_kernels.model import CANet, CANetConfig  # noqa: E402
 from canet_kernels.model.encoder import rung_groups, rung_votes  # noqa: E402
@@ -398,15 +399,9 @@ def main():
     if a.merge:
         if a.out is None:
             raise SystemExit("--merge needs --out")
-        reports = []
-        for path in a.merge:
-            try:
-                with open(path) as f:
-                    reports.append(json.load(f))
-            except (OSError, ValueError) as e:
-                raise SystemExit(f"--merge: cannot read {path}: {e}")
+        merged = merge(read_reports(a.merge, "--merge"))
         with open(a.out, "w") as f:
-            json.dump(merge(reports), f, indent=2)
+            json.dump(merged, f, indent=2)
         print(f"wrote {a.out}")
         return
     if a.table and a.out is None:
