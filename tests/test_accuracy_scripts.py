@@ -99,6 +99,8 @@ def test_router_ablation_merge(tmp_path):
         p = subprocess.run([sys.executable, "benchmarks/router_ablation.py", "--merge", *files,
                             "--out", out], cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert p.returncode != 0 and "--merge" in p.stderr and words in p.stderr
+    with open(out) as f:                  # a refused merge leaves --out as it was
+        assert json.load(f)["runs"] == whole["runs"]
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(DATA, "LastFM.txt")),
