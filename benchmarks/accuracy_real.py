@@ -59,8 +59,9 @@ from canet_kernels.model import CANetConfig  # noqa: E402
 from canet_kernels.options import (MODEL_OPTIONS, TRAIN_OPTIONS, add_options,  # noqa: E402
                                    from_options)
 from canet_kernels.train import (TrainConfig, eval_batches, evaluate,  # noqa: E402
-                                 load_model, logit_spread, protocol, quartile_means,
-                                 route_flop_ratios, router_logits, time_inference, train)
+                                 load_model, logit_spread, probe_halves, protocol,
+                                 quartile_means, route_flop_ratios, router_logits,
+                                 time_inference, train)
 
 
 KINDS = ("dense", "canet", "static", "supernet")
@@ -154,6 +155,17 @@ def run(a, kind, mcfg, tcfg, split, out, source, ref):
                            flop_ref=ref, per_user=True)
     res["inference_seconds_test"] = time_inference(model, split.test, route, repeats=1)
     return model, res
+
+
+def selection_half(models, split, base, mcfg) -> dict:
+    """With --rung-probe-split CANet's epochs are selected on the half of the
+    validation users the probe did not see: every model's validation metric
+    on that half, so that CANet and its comparators are compared on the
+    same users, none of whom chose CANet's routes."""
+    half = split.valid.subset(probe_halves(len(split.valid), base.seed)[1])
+    route = {"dense": mcfg.max_route, "canet": None, "static": 0}   # static: its one route
+    return {k: evaluate(m, half, base.ks, base.mask_seen, route=route[k])[base.select_metric]
+            for k, m in models.items()}
 
 
 def _quarters(q):
@@ -303,16 +315,17 @@ def main():
                 if cap is None:
                     raise SystemExit("static needs a FLOP cap: run canet first or give "
                                      "--static-max-ratio")
-                tried = {}
+                tried, trained = {}, {}
                 for r in routes_under(mcfg, cap, a.static_candidates):
                     scfg = single_route(mcfg, r)
                     tcfg = TrainConfig.from_dict(dict(base.to_dict(), warmup_epochs=0,
                                                       fixed_route=0))
-                    _, rr = run(a, kind, scfg, tcfg, split, f"{out}_route{r}", ds.source,
+                    m, rr = run(a, kind, scfg, tcfg, split, f"{out}_route{r}", ds.source,
                                 mcfg)
                     rr["route"] = r
-                    tried[r] = rr
+                    tried[r], trained[r] = rr, m
                 best = max(tried, key=lambda r: tried[r]["valid"][tcfg.select_metric])
+                models[kind] = trained[best]
                 res = dict(tried[best], candidates={
                     r: {"valid": v["valid"][tcfg.select_metric],
                         "flop_ratio": v["test"]["flop_ratio"]} for r, v in tried.items()})
@@ -337,6 +350,12 @@ def main():
                 print(f"{name}: CANet / {other} NDCG@10 x{ratio:.3f} (95% CI "
                       f"{ci[0]:.3f}-{ci[1]:.3f}); FLOP ratios {cn['flop_ratio']:.3f} vs "
                       f"{on['flop_ratio']:.3f}")
+            if runs["canet"]["valid"].get("users", len(split.valid)) < len(split.valid):
+                entry["valid_on_selection_half"] = selection_half(models, split, base, mcfg)
+                v = entry["valid_on_selection_half"]
+                print(f"{name}: validation {base.select_metric} on the probe's other half "
+                      "(CANet's selection users): " + ", ".join(
+                          f"{k} {x:.4f}" for k, x in v.items()))
             if "dense" in runs:
                 # does the route follow how hard the user is for the dense model?
                 loss = target_losses(models["dense"], split.test, mcfg.max_route)

@@ -372,6 +372,12 @@ class EvalSet:
     def __len__(self):
         return int(self.lengths.shape[0])
 
+    def subset(self, idx) -> "EvalSet":
+        """The users `idx` (indices into this set), in that order."""
+        idx = torch.as_tensor(idx, dtype=torch.int64)
+        return EvalSet(self.items[idx], self.lengths[idx], self.targets[idx],
+                       self.seen[idx], self.users[idx])
+
 
 @dataclass
 class Split:

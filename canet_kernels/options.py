@@ -21,7 +21,7 @@ MODEL_OPTIONS = ("max_len", "emb_widths", "hidden_widths", "depths", "num_heads"
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "path",
                  "eval_every", "patience", "mask_seen", "calibrate_flops",
                  "spend_budget", "warmup_epochs", "router_mode", "router_candidates",
-                 "rung_epoch", "rung_choice", "rung_lift", "max_train_seconds", "progress", "device")
+                 "rung_epoch", "rung_choice", "rung_probe_split", "rung_lift", "max_train_seconds", "progress", "device")
 
 HELP = {
     "emb_widths": "embedding widths of the routing space (comma-separated)",
@@ -57,6 +57,9 @@ HELP = {
                    "overshoot --flop-target: the routes within it that hold the most "
                    "users' routes); probe = the routes with the best validation metric "
                    "per group under --flop-target",
+    "rung_probe_split": "with --rung-choice probe: the probe measures the routes on one "
+                        "half of the validation users and the epochs on the rungs are "
+                        "selected (and validation reported) on the other half",
     "rung_lift": "with --rungs K: the share of users below the top rung that train on a "
                  "costlier rung instead of their own (so a user sent up by mistake is "
                  "served well there)",

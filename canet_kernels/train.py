@@ -83,6 +83,12 @@ class TrainConfig:
     # routes with the best total metric under the model's FLOP target are
     # taken (probe_rungs)
     rung_choice: str = "vote"
+    # with rung_choice "probe": the probe measures the routes on one half of
+    # the validation users (a fixed half drawn by the seed, probe_halves) and
+    # the epochs on the rungs are selected, and validation reported, on the
+    # other half. Off: both use all of them, and the validation metric
+    # reported is the one the routes were chosen on (optimistic).
+    rung_probe_split: bool = False
     # on the rungs, the share of each batch's users below the top rung that
     # train on a costlier rung instead of their own (CANetEncoder.lifted_rungs)
     rung_lift: float = 0.25
@@ -339,10 +345,12 @@ def consolidate(model: CANet, es: EvalSet, tcfg: TrainConfig,
                 dist: distributed.Context | None = None) -> list:
     """Sets the model's rungs (CANetEncoder.set_rungs) from the router's
     logits on `es` (validation users), the routes chosen as
-    tcfg.rung_choice says. Returns the rung routes."""
+    tcfg.rung_choice says (the probe on probe_halves' first half with
+    tcfg.rung_probe_split). Returns the rung routes."""
     logits = _all_logits(model, es, tcfg.eval_batch_size, dist)
-    routes = probe_rungs(model, es, logits, tcfg, dist) if tcfg.rung_choice == "probe" \
-        else None
+    users = probe_halves(len(es), tcfg.seed)[0] if tcfg.rung_probe_split else None
+    routes = probe_rungs(model, es, logits, tcfg, dist, users) \
+        if tcfg.rung_choice == "probe" else None
     return model.set_rungs(logits, routes, lengths=_rung_lengths(model, es))
 
 
@@ -358,10 +366,19 @@ def _rung_lengths(model: CANet, es: EvalSet):
 RUNG_MIN_PRICE = 0.01
 
 
+def probe_halves(n: int, seed: int):
+    """(probe users, selection users) of n validation users: two fixed
+    random halves (indices, ascending), the same for every epoch and on
+    --resume."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:n // 2].sort().values, perm[n // 2:].sort().values
+
+
 def probe_rungs(model: CANet, es: EvalSet, logits, tcfg: TrainConfig,
-                dist: distributed.Context | None = None) -> torch.Tensor:
+                dist: distributed.Context | None = None, users=None) -> torch.Tensor:
     """Rung routes [K] chosen on held-out users: the users of each rung's
-    group (rung_groups of their rung_score) are evaluated on every
+    group (rung_groups of their rung_score, cut over all of `es`; with
+    `users`, only these of them are measured) are evaluated on every
     route of the current supernet, and each group takes
     argmax_r metric_g(r) - price * ratio_r, cheaper routes first on ties, at
     the lowest price >= RUNG_MIN_PRICE * (the best route's metric) whose mean
@@ -370,6 +387,8 @@ def probe_rungs(model: CANet, es: EvalSet, logits, tcfg: TrainConfig,
     cfg = model.cfg
     K, R = cfg.rungs, cfg.num_routes
     _, group = rung_groups(model.rung_score(logits, _rung_lengths(model, es)).cpu(), K)
+    if users is not None:
+        es, group = es.subset(users), group[users]
     n = torch.bincount(group, minlength=K).double()
     metric = torch.zeros(K, R, dtype=torch.float64)
     for r in range(R):
@@ -543,6 +562,9 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
                 tcfg.epochs)
     if tcfg.rung_choice not in ("vote", "probe"):
         raise ValueError(f"rung_choice must be 'vote' or 'probe', got {tcfg.rung_choice!r}")
+    if tcfg.rung_probe_split and model_cfg.rungs and tcfg.rung_choice != "probe":
+        raise ValueError("rung_probe_split needs rung_choice 'probe' (the votes read "
+                         f"no validation targets), got {tcfg.rung_choice!r}")
     if model_cfg.n_items < split.n_items:
         raise ValueError(f"model n_items {model_cfg.n_items} < data n_items {split.n_items}")
     set_seed(tcfg.seed)
@@ -636,12 +658,18 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
             if eval_route is None and tcfg.calibrate_flops and not model.has_rungs:
                 rec["cost_bias"] = calibrate(model, split.valid, tcfg.eval_batch_size,
                                              spend=tcfg.spend_budget, dist=dist)
-            val = evaluate(model, split.valid, tcfg.ks, tcfg.mask_seen,
+            # (with the probe split, on the rungs: the half the probe did not see)
+            valid = split.valid.subset(probe_halves(len(split.valid), tcfg.seed)[1]) \
+                if tcfg.rung_probe_split and model.has_rungs else split.valid
+            val = evaluate(model, valid, tcfg.ks, tcfg.mask_seen,
                            tcfg.eval_batch_size, route=eval_route, path=tcfg.path,
                            dist=dist)
             rec["valid"] = {k: v for k, v in val.items() if k != "route_counts"}
+            rec["valid"]["users"] = len(valid)
             rec["route_counts"] = val["route_counts"]
             msg += f" | valid {sel} {val[sel]:.4f} flop ratio {val['flop_ratio']:.3f}"
+            if len(valid) < len(split.valid):
+                msg += f" ({len(valid)} users, the probe's other half)"
             msg += " | " + route_summary(model.cfg, val["route_counts"])
             if eval_route is None:
                 collapse_warning(model.cfg, val["route_counts"], epoch)

@@ -129,6 +129,37 @@ def test_accuracy_real_reports_and_reuses_dense(tmp_path):
     assert d["read_from"].endswith(os.path.join("LastFM", "dense"))
 
 
+def test_accuracy_real_probe_split_compares_on_the_selection_half(tmp_path):
+    """With --rung-probe-split every model's validation metric is also taken
+    on CANet's selection users (the half the probe did not see), drawn here
+    independently of the code under test."""
+    import torch
+    from canet_kernels import data as D
+    from canet_kernels.train import evaluate, load_model
+    out, runs = str(tmp_path / "a.json"), tmp_path / "runs"
+    run(["benchmarks/accuracy_real.py", "--datasets", "LastFM", "--limit-users", "150",
+         "--epochs", "2", "--warmup-epochs", "0", "--rungs", "2", "--rung-epoch", "1",
+         "--rung-choice", "probe", "--rung-probe-split", "--emb-widths", "16,32",
+         "--hidden-widths", "16,32", "--depths", "1,2", "--threads", "1", "--no-progress",
+         "--seed", "3", "--models", "dense", "canet", "static", "--run-dir", str(runs),
+         "--out", out], tmp_path)
+    with open(out) as f:
+        e = json.load(f)["datasets"]["LastFM"]
+    ds = D.read_file(os.path.join(DATA, "LastFM.txt"))
+    ds.sequences, ds.users = ds.sequences[:150], ds.users[:150]
+    valid = D.leave_one_out(ds, 50).valid
+    perm = torch.randperm(len(valid), generator=torch.Generator().manual_seed(3))
+    half = valid.subset(perm[len(valid) // 2:])
+    got = e["valid_on_selection_half"]
+    assert e["canet"]["valid"]["users"] == len(half)
+    assert got["canet"] == pytest.approx(e["canet"]["valid"]["ndcg@10"], abs=1e-12)
+    for kind, route in (("dense", "max"), ("static", 0)):
+        d = runs / "LastFM" / (kind if kind == "dense" else f"static_route{e['static']['route']}")
+        model, cfg = load_model(str(d))
+        want = evaluate(model, half, mask_seen=True, route=route)["ndcg@10"]
+        assert got[kind] == pytest.approx(want, abs=1e-12), kind
+
+
 def test_accuracy_real_table(tmp_path):
     """--table on committed runs prints the seed means the results README
     reports for them (worked out when those runs were written up), and names

@@ -137,6 +137,8 @@ def test_rungs_in_recbole(tmp_path, monkeypatch):
     assert set(model.last_stats) == {"ce", "flop_ratio", "loss"}    # router frozen
     with pytest.raises(ValueError, match="canet_rung_choice"):
         run_recbole(CANetRec, tmp_path, monkeypatch, canet_rungs=2, canet_rung_choice="probe")
+    with pytest.raises(ValueError, match="canet_rung_probe_split"):
+        run_recbole(CANetRec, tmp_path, monkeypatch, canet_rungs=2, canet_rung_probe_split=True)
     with pytest.raises(ValueError, match="canet_rung_epoch must be after the warm-up"):
         run_recbole(CANetRec, tmp_path, monkeypatch, canet_rungs=2, canet_rung_epoch=1,
                     canet_warmup_epochs=1)

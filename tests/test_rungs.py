@@ -274,6 +274,52 @@ def test_probe_rungs_takes_the_best_routes_under_the_target(monkeypatch, target)
     assert m.pick(lg).tolist() == [got[0]] * 5 + [got[1]] * 5
 
 
+def test_probe_split_chooses_on_one_half_and_selects_on_the_other(monkeypatch):
+    """rung_probe_split: the probe reads only one half of the validation
+    users, the epochs on the rungs are selected on the other half, the
+    halves partition the users; so the rungs do not move when the other
+    half's targets change, and the reported validation metric is that of
+    the selected weights on the other half."""
+    split = D.leave_one_out(D.synthetic(120, 40, seed=3), max_len=8)
+    cfg = CANetConfig(n_items=split.n_items, rungs=2, **TINY)
+    tcfg = T.TrainConfig(epochs=3, rung_epoch=2, batch_size=16, rung_choice="probe",
+                         rung_probe_split=True, progress=False)
+    real = T.evaluate
+    calls = []
+
+    def spy(model, es, *a, route=None, **kw):
+        calls.append((route, es.users.tolist()))
+        return real(model, es, *a, route=route, **kw)
+
+    monkeypatch.setattr(T, "evaluate", spy)
+    model, res = T.train(cfg, tcfg, split, log=lambda *_: None)
+    everyone = split.valid.users.tolist()
+    probe = {tuple(u) for r, u in calls if isinstance(r, int)}
+    assert len(probe) == 1 and len(calls) == 3 + cfg.num_routes + 1  # 3 epochs, probe, test
+    probe = list(probe.pop())
+    chosen = [u for r, u in calls[:-1] if r is None]                # the last: test
+    assert chosen[0] == everyone                                     # before the rungs
+    assert chosen[1] == chosen[2] and len(chosen[1]) == len(everyone) - len(everyone) // 2
+    assert len(probe) == len(everyone) // 2
+    assert sorted(probe + chosen[1]) == sorted(everyone)            # a partition
+    assert probe != everyone[:len(probe)]                            # drawn, not the first half
+    other = split.valid.subset([everyone.index(u) for u in chosen[1]])
+    assert res["valid"]["users"] == len(other)
+    assert res["valid"]["ndcg@10"] == pytest.approx(real(model, other)["ndcg@10"], abs=1e-12)
+    # the other half's targets do not reach the probe; its own half's do
+    # (here: without the split, moving the other half's moves the rungs too)
+    monkeypatch.setattr(T, "evaluate", real)
+    for half, same in ((chosen[1], True), (probe, False)):
+        moved = D.leave_one_out(D.synthetic(120, 40, seed=3), max_len=8)
+        idx = torch.tensor([everyone.index(u) for u in half])
+        moved.valid.targets[idx] = moved.valid.targets[idx].roll(1)
+        again, _ = T.train(cfg, tcfg, moved, log=lambda *_: None)
+        assert torch.equal(again.rung_routes, model.rung_routes) == same
+    with pytest.raises(ValueError, match="rung_probe_split needs rung_choice 'probe'"):
+        T.train(cfg, T.TrainConfig(epochs=3, rung_epoch=2, rung_probe_split=True,
+                                   progress=False), split, log=lambda *_: None)
+
+
 def test_no_stop_before_the_rungs(monkeypatch):
     """Patience waits for the rungs, and a spent time budget consolidates
     at once: a run never ends on the free router it was told to replace."""

@@ -41,7 +41,8 @@ Config keys (every default is the CANetConfig / TrainConfig field default):
                        canet_rung_epoch the routes become K rungs by the
                        validation users' votes, the groups cut as
                        canet_rung_signal says, see CANetTrainer; the probe,
-                       canet_rung_choice: probe, is canet train's only)
+                       canet_rung_choice: probe, and its split,
+                       canet_rung_probe_split, are canet train's only)
 
 Item ids: RecBole's `n_items` counts the padding id 0, so canet's n_items is
 one less, and canet's score rows [B, n_items + 1] are RecBole's [B, n_items].
@@ -237,6 +238,10 @@ class CANetRec(SequentialRecommender):
                 raise ValueError("canet_rung_choice: CANetTrainer consolidates by the "
                                  "validation users' votes only ('vote'), got "
                                  f"{train_option(config, 'rung_choice')!r}")
+            if train_option(config, "rung_probe_split"):
+                raise ValueError("canet_rung_probe_split splits the probe's validation "
+                                 "users; CANetTrainer runs no probe (it consolidates by "
+                                 "votes)")
             check_rungs(self.canet_cfg.rungs, self.warmup_epochs, self.rung_epoch,
                         self.rung_lift, prefix="canet_")
         seed = _get(config, "seed")
