@@ -157,15 +157,19 @@ def run(a, kind, mcfg, tcfg, split, out, source, ref):
     return model, res
 
 
-def selection_half(models, split, base, mcfg) -> dict:
-    """With --rung-probe-split CANet's epochs are selected on the half of the
-    validation users the probe did not see: every model's validation metric
-    on that half, so that CANet and its comparators are compared on the
-    same users, none of whom chose CANet's routes."""
-    half = split.valid.subset(probe_halves(len(split.valid), base.seed)[1])
+def validation_halves(models, split, base, mcfg) -> dict:
+    """With --rung-probe-split the probe chooses CANet's rungs on one half of
+    the validation users and CANet's epochs are selected on the other: every
+    model's validation metric on each half ({"probe": {kind: value},
+    "selection": ...}), so that CANet and its comparators are compared on
+    the same users, on the half that chose CANet's routes and on the half
+    that did not."""
     route = {"dense": mcfg.max_route, "canet": None, "static": 0}   # static: its one route
-    return {k: evaluate(m, half, base.ks, base.mask_seen, route=route[k])[base.select_metric]
-            for k, m in models.items()}
+    return {name: {k: evaluate(m, split.valid.subset(users), base.ks, base.mask_seen,
+                               route=route[k])[base.select_metric]
+                   for k, m in models.items()}
+            for name, users in zip(("probe", "selection"),
+                                   probe_halves(len(split.valid), base.seed))}
 
 
 def _quarters(q):
@@ -351,11 +355,10 @@ def main():
                       f"{ci[0]:.3f}-{ci[1]:.3f}); FLOP ratios {cn['flop_ratio']:.3f} vs "
                       f"{on['flop_ratio']:.3f}")
             if runs["canet"]["valid"].get("users", len(split.valid)) < len(split.valid):
-                entry["valid_on_selection_half"] = selection_half(models, split, base, mcfg)
-                v = entry["valid_on_selection_half"]
-                print(f"{name}: validation {base.select_metric} on the probe's other half "
-                      "(CANet's selection users): " + ", ".join(
-                          f"{k} {x:.4f}" for k, x in v.items()))
+                entry["valid_halves"] = validation_halves(models, split, base, mcfg)
+                for half, v in entry["valid_halves"].items():
+                    print(f"{name}: validation {base.select_metric} on the {half} half: "
+                          + ", ".join(f"{k} {x:.4f}" for k, x in v.items()))
             if "dense" in runs:
                 # does the route follow how hard the user is for the dense model?
                 loss = target_losses(models["dense"], split.test, mcfg.max_route)

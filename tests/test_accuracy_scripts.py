@@ -149,15 +149,18 @@ def test_accuracy_real_probe_split_compares_on_the_selection_half(tmp_path):
     ds.sequences, ds.users = ds.sequences[:150], ds.users[:150]
     valid = D.leave_one_out(ds, 50).valid
     perm = torch.randperm(len(valid), generator=torch.Generator().manual_seed(3))
-    half = valid.subset(perm[len(valid) // 2:])
-    got = e["valid_on_selection_half"]
-    assert e["canet"]["valid"]["users"] == len(half)
-    assert got["canet"] == pytest.approx(e["canet"]["valid"]["ndcg@10"], abs=1e-12)
-    for kind, route in (("dense", "max"), ("static", 0)):
-        d = runs / "LastFM" / (kind if kind == "dense" else f"static_route{e['static']['route']}")
-        model, cfg = load_model(str(d))
-        want = evaluate(model, half, mask_seen=True, route=route)["ndcg@10"]
-        assert got[kind] == pytest.approx(want, abs=1e-12), kind
+    halves = {"probe": perm[:len(valid) // 2], "selection": perm[len(valid) // 2:]}
+    got = e["valid_halves"]
+    assert e["canet"]["valid"]["users"] == len(halves["selection"])
+    assert got["selection"]["canet"] == pytest.approx(e["canet"]["valid"]["ndcg@10"],
+                                                      abs=1e-12)
+    models = {k: load_model(str(runs / "LastFM" / d))[0] for k, d in (
+        ("dense", "dense"), ("canet", "canet"), ("static", f"static_route{e['static']['route']}"))}
+    for half, users in halves.items():
+        for kind, route in (("dense", "max"), ("canet", None), ("static", 0)):
+            want = evaluate(models[kind], valid.subset(users), mask_seen=True,
+                            route=route)["ndcg@10"]
+            assert got[half][kind] == pytest.approx(want, abs=1e-12), (half, kind)
 
 
 def test_accuracy_real_table(tmp_path):
