@@ -200,7 +200,7 @@ def markdown(reports):
             "| logit spread users / routes | static: route, test (FLOP ratio) | "
             "CANet / dense [95% CI] | CANet / static [95% CI] | train s CANet (static) |",
             "|" + "---|" * 12]
-    means = {}
+    means, halves = {}, []
     for rep in reports:
         seed = rep["settings"]["seed"]
         for name, e in rep["datasets"].items():
@@ -227,6 +227,8 @@ def markdown(reports):
             for other in ("dense", "static"):
                 if other in e:
                     m[other].append(e[other]["test"]["ndcg@10"])
+            if "valid_halves" in e:
+                halves.append((name, seed, e))
     rows += ["", "| data | seeds | dense | CANet | static | CANet / dense | CANet / static |",
              "|" + "---|" * 7]
     for name, m in means.items():
@@ -237,10 +239,40 @@ def markdown(reports):
         def ratio(other):
             # the seed means' ratio, only over as many seeds as CANet's
             v = m[other]
-            return f"{canet / (sum(v) / len(v)):.3f}" if len(v) == len(m["canet"]) else "-"
+            ok = len(v) == len(m["canet"]) and sum(v) > 0
+            return f"{canet / (sum(v) / len(v)):.3f}" if ok else "-"
         rows.append(f"| {name} | {len(m['canet'])} | {cell['dense']} | {cell['canet']}, FLOP "
                     f"{flop:.3f} | {cell['static']} | {ratio('dense')} | {ratio('static')} |")
-    return "\n".join(rows)
+    return "\n".join(rows + _halves_table(halves))
+
+
+def _halves_table(halves):
+    """Runs with --rung-probe-split: CANet / dense and CANet / static on the
+    validation half that chose CANet's routes, on the half that selected its
+    epochs, and on test; then the same ratios of the seed means."""
+    if not halves:
+        return []
+    rows = ["", "| data | seed | CANet / dense, / static: validation, the probe's half | "
+                "validation, the selection half | test |", "|" + "---|" * 5]
+    parts = ("probe", "selection", "test")
+    sums: dict = {}
+
+    def pair(v):
+        return ", ".join(f"{v['canet'] / v[k]:.3f}" if v.get(k) else "-"
+                         for k in ("dense", "static"))
+    for name, seed, e in halves:
+        vals = dict(e["valid_halves"], test={k: e[k]["test"]["ndcg@10"] for k in
+                                             ("canet", "dense", "static") if k in e})
+        rows.append(f"| {name} | {seed} | " + " | ".join(pair(vals[p]) for p in parts) + " |")
+        for p in parts:
+            for k, v in vals[p].items():
+                sums.setdefault(name, {}).setdefault(p, {}).setdefault(k, []).append(v)
+    for name, by in sums.items():
+        mean = {p: {k: sum(v) / len(v) for k, v in by[p].items()} for p in parts}
+        n = len(by["test"]["canet"])
+        rows.append(f"| {name} | means of {n} | " + " | ".join(pair(mean[p]) for p in parts)
+                    + " |")
+    return rows
 
 
 def read_reports(paths, flag):

@@ -161,6 +161,13 @@ def test_accuracy_real_probe_split_compares_on_the_selection_half(tmp_path):
             want = evaluate(models[kind], valid.subset(users), mask_seen=True,
                             route=route)["ndcg@10"]
             assert got[half][kind] == pytest.approx(want, abs=1e-12), (half, kind)
+    # --table prints CANet's ratios on each half and on test
+    test = {k: e[k]["test"]["ndcg@10"] for k in ("canet", "dense", "static")}
+    cells = [", ".join(f"{v['canet'] / v[k]:.3f}" if v[k] else "-" for k in ("dense", "static"))
+             for v in (got["probe"], got["selection"], test)]
+    rows = run(["benchmarks/accuracy_real.py", "--table", out], tmp_path).splitlines()
+    assert f"| LastFM | 3 | {' | '.join(cells)} |" in rows
+    assert f"| LastFM | means of 1 | {' | '.join(cells)} |" in rows
 
 
 def test_accuracy_real_table(tmp_path):
