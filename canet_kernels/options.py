@@ -21,7 +21,8 @@ MODEL_OPTIONS = ("max_len", "emb_widths", "hidden_widths", "depths", "num_heads"
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "path",
                  "eval_every", "patience", "mask_seen", "calibrate_flops",
                  "spend_budget", "warmup_epochs", "router_mode", "router_candidates",
-                 "rung_epoch", "rung_choice", "rung_probe_split", "rung_lift", "max_train_seconds", "progress", "device")
+                 "rung_epoch", "rung_choice", "rung_probe_split", "rung_lift",
+                 "max_train_seconds", "progress", "device")
 
 HELP = {
     "emb_widths": "embedding widths of the routing space (comma-separated)",
