@@ -386,7 +386,7 @@ def main():
                 print(f"{name}: CANet / {other} NDCG@10 x{ratio:.3f} (95% CI "
                       f"{ci[0]:.3f}-{ci[1]:.3f}); FLOP ratios {cn['flop_ratio']:.3f} vs "
                       f"{on['flop_ratio']:.3f}")
-            if runs["canet"]["valid"].get("users", len(split.valid)) < len(split.valid):
+            if base.rung_probe_split and mcfg.rungs:
                 entry["valid_halves"] = validation_halves(models, split, base, mcfg)
                 for half, v in entry["valid_halves"].items():
                     print(f"{name}: validation {base.select_metric} on the {half} half: "

@@ -597,6 +597,10 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
     tr = split.train
     sel = tcfg.select_metric
     eval_route = tcfg.fixed_route if tcfg.fixed_route is not None else tcfg.eval_route
+    # the users the epochs on the rungs are selected on (with the probe
+    # split: the half the probe did not see)
+    rung_valid = split.valid.subset(probe_halves(len(split.valid), tcfg.seed)[1]) \
+        if tcfg.rung_probe_split else split.valid
     start_epoch = state["epoch"] + 1
     for epoch in range(start_epoch, tcfg.epochs + 1):
         if state["stopped"]:
@@ -658,9 +662,7 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
             if eval_route is None and tcfg.calibrate_flops and not model.has_rungs:
                 rec["cost_bias"] = calibrate(model, split.valid, tcfg.eval_batch_size,
                                              spend=tcfg.spend_budget, dist=dist)
-            # (with the probe split, on the rungs: the half the probe did not see)
-            valid = split.valid.subset(probe_halves(len(split.valid), tcfg.seed)[1]) \
-                if tcfg.rung_probe_split and model.has_rungs else split.valid
+            valid = rung_valid if model.has_rungs else split.valid
             val = evaluate(model, valid, tcfg.ks, tcfg.mask_seen,
                            tcfg.eval_batch_size, route=eval_route, path=tcfg.path,
                            dist=dist)
