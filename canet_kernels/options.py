@@ -21,7 +21,8 @@ MODEL_OPTIONS = ("max_len", "emb_widths", "hidden_widths", "depths", "num_heads"
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "path",
                  "eval_every", "patience", "mask_seen", "calibrate_flops",
                  "spend_budget", "warmup_epochs", "router_mode", "router_candidates",
-                 "rung_epoch", "rung_choice", "rung_probe_split", "rung_lift",
+                 "rung_epoch", "rung_choice", "rung_probe_split", "rung_cut",
+                 "rung_order", "rung_lift",
                  "max_train_seconds", "progress", "device")
 
 HELP = {
@@ -61,6 +62,12 @@ HELP = {
     "rung_probe_split": "with --rung-choice probe: the probe measures the routes on one "
                         "half of the validation users and the epochs on the rungs are "
                         "selected (and validation reported) on the other half",
+    "rung_cut": "with --rung-signal length: valid = cut at the quantiles of the "
+                "validation users' lengths; served = on the lengths they are served at "
+                "(one item longer), as equal as ties allow",
+    "rung_order": "with --rung-choice probe: free = any route per group; rising = "
+                  "routes of strictly rising FLOP ratio from the lowest group (shortest "
+                  "histories with --rung-signal length) to the highest",
     "rung_lift": "with --rungs K: the share of users below the top rung that train on a "
                  "costlier rung instead of their own (so a user sent up by mistake is "
                  "served well there)",
@@ -84,6 +91,7 @@ HELP = {
 ALIASES = {"num_heads": ("--heads",)}
 CHOICES = {"path": ("routed", "masked"), "router_mode": ("canet", "value"),
            "rung_choice": ("vote", "probe"), "rung_signal": ("router", "length"),
+           "rung_cut": ("valid", "served"), "rung_order": ("free", "rising"),
            "guide_signal": ("train", "holdout"), "guide_labels": ("small", "sandwich"),
            "balance": ("kl", "switch", "mi"), "budget_shape": ("relu", "two_sided")}
 

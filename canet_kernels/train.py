@@ -28,7 +28,7 @@ from . import distributed
 from .data import EvalSet, Split, batches
 from .metrics import MetricAccumulator, full_ranking
 from .model import CANet, CANetConfig
-from .model.encoder import choose_under_target, rung_groups
+from .model.encoder import choose_under_target, length_cuts, rung_groups
 from .ops import shared_plans
 
 CHECKPOINT_FORMAT = 1
@@ -89,6 +89,17 @@ class TrainConfig:
     # other half. Off: both use all of them, and the validation metric
     # reported is the one the routes were chosen on (optimistic).
     rung_probe_split: bool = False
+    # where the groups are cut with rung_signal "length": "valid" = at the
+    # quantiles of the validation users' lengths (rung_groups); "served" =
+    # on the lengths the same users are served at, one item longer (capped
+    # at max_len), as equal as ties allow (length_cuts). Validation lengths
+    # are one item short of every served user's, so with many tied short
+    # histories a quantile cut can leave a group with no served user.
+    rung_cut: str = "valid"
+    # with rung_choice "probe": "free" = each group any route; "rising" =
+    # the routes' FLOP ratios rise strictly from the cheapest group (lowest
+    # rung_score: the shortest histories) to the costliest, K distinct routes
+    rung_order: str = "free"
     # on the rungs, the share of each batch's users below the top rung that
     # train on a costlier rung instead of their own (CANetEncoder.lifted_rungs)
     rung_lift: float = 0.25
@@ -349,14 +360,21 @@ def consolidate(model: CANet, es: EvalSet, tcfg: TrainConfig,
     tcfg.rung_probe_split). Returns the rung routes."""
     logits = _all_logits(model, es, tcfg.eval_batch_size, dist)
     users = probe_halves(len(es), tcfg.seed)[0] if tcfg.rung_probe_split else None
-    routes = probe_rungs(model, es, logits, tcfg, dist, users) \
+    cuts = served_cuts(model, es) if tcfg.rung_cut == "served" else None
+    routes = probe_rungs(model, es, logits, tcfg, dist, users, cuts) \
         if tcfg.rung_choice == "probe" else None
-    return model.set_rungs(logits, routes, lengths=_rung_lengths(model, es))
+    return model.set_rungs(logits, routes, lengths=_rung_lengths(model, es), cuts=cuts)
 
 
 def _rung_lengths(model: CANet, es: EvalSet):
     """The users' lengths when the rungs cut on them, else None."""
     return es.lengths if model.cfg.rung_signal == "length" else None
+
+
+def served_cuts(model: CANet, es: EvalSet):
+    """[K - 1] length cut points set on the lengths the validation users
+    are served at (one item longer, capped at max_len; length_cuts)."""
+    return length_cuts((es.lengths + 1).clamp_max(model.cfg.max_len), model.cfg.rungs)
 
 
 # The least a route must buy, per unit of FLOP ratio, in validation metric
@@ -375,18 +393,23 @@ def probe_halves(n: int, seed: int):
 
 
 def probe_rungs(model: CANet, es: EvalSet, logits, tcfg: TrainConfig,
-                dist: distributed.Context | None = None, users=None) -> torch.Tensor:
+                dist: distributed.Context | None = None, users=None,
+                cuts=None) -> torch.Tensor:
     """Rung routes [K] chosen on held-out users: the users of each rung's
-    group (rung_groups of their rung_score, cut over all of `es`; with
-    `users`, only these of them are measured) are evaluated on every
+    group (rung_groups of their rung_score, cut over all of `es`, or at the
+    given `cuts`; with `users`, only these of them are measured) are
+    evaluated on every
     route of the current supernet, and each group takes
     argmax_r metric_g(r) - price * ratio_r, cheaper routes first on ties, at
     the lowest price >= RUNG_MIN_PRICE * (the best route's metric) whose mean
     FLOP ratio meets cfg.flop_target, the budget left then filled greedily
-    (choose_under_target: the best total metric under the target)."""
+    (choose_under_target: the best total metric under the target; with
+    tcfg.rung_order "rising", routes of rising FLOP ratio by group)."""
     cfg = model.cfg
     K, R = cfg.rungs, cfg.num_routes
-    _, group = rung_groups(model.rung_score(logits, _rung_lengths(model, es)).cpu(), K)
+    score = model.rung_score(logits, _rung_lengths(model, es)).cpu()
+    group = rung_groups(score, K)[1] if cuts is None else \
+        torch.bucketize(score, torch.as_tensor(cuts, dtype=torch.float64), right=True)
     if users is not None:
         es, group = es.subset(users), group[users]
     n = torch.bincount(group, minlength=K).double()
@@ -399,7 +422,8 @@ def probe_rungs(model: CANet, es: EvalSet, logits, tcfg: TrainConfig,
             n.clamp_min(1)
     best = float((n @ metric).max() / n.sum())     # the best single route's metric
     return choose_under_target(metric, n, model.route_ratio.cpu(), cfg.flop_target,
-                               floor=RUNG_MIN_PRICE * best)
+                               floor=RUNG_MIN_PRICE * best,
+                               rising=tcfg.rung_order == "rising")
 
 
 def sandwich_routes(cfg: CANetConfig, n: int, gen: torch.Generator):
@@ -565,6 +589,7 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
     if tcfg.rung_probe_split and model_cfg.rungs and tcfg.rung_choice != "probe":
         raise ValueError("rung_probe_split needs rung_choice 'probe' (the votes read "
                          f"no validation targets), got {tcfg.rung_choice!r}")
+    check_rung_order(model_cfg, tcfg)
     if model_cfg.n_items < split.n_items:
         raise ValueError(f"model n_items {model_cfg.n_items} < data n_items {split.n_items}")
     set_seed(tcfg.seed)
@@ -723,6 +748,27 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
         dist.table.unshard()            # the returned model scores the whole table
     dist.barrier()  # no rank exits while another still waits on it (that aborts gloo)
     return model.eval(), results
+
+
+def check_rung_order(mcfg: CANetConfig, tcfg: TrainConfig):
+    """Refuses rung_cut and rung_order values that do not apply, naming them."""
+    if tcfg.rung_cut not in ("valid", "served"):
+        raise ValueError(f"rung_cut must be 'valid' or 'served', got {tcfg.rung_cut!r}")
+    if tcfg.rung_order not in ("free", "rising"):
+        raise ValueError(f"rung_order must be 'free' or 'rising', got {tcfg.rung_order!r}")
+    if not mcfg.rungs:
+        return
+    if tcfg.rung_cut == "served" and mcfg.rung_signal != "length":
+        raise ValueError("rung_cut 'served' cuts on history lengths: it needs rung_signal "
+                         f"'length', got {mcfg.rung_signal!r}")
+    if tcfg.rung_order == "rising":
+        if tcfg.rung_choice != "probe":
+            raise ValueError("rung_order 'rising' orders the probe's routes: it needs "
+                             f"rung_choice 'probe', got {tcfg.rung_choice!r}")
+        distinct = len(set(mcfg.route_flop_ratios()))
+        if distinct < mcfg.rungs:
+            raise ValueError(f"rung_order 'rising': rungs={mcfg.rungs} need as many routes "
+                             f"of distinct FLOP ratios, the routes have {distinct}")
 
 
 def check_rungs(rungs: int, warmup_epochs: int, rung_epoch: int, rung_lift: float,

@@ -139,6 +139,10 @@ def test_rungs_in_recbole(tmp_path, monkeypatch):
         run_recbole(CANetRec, tmp_path, monkeypatch, canet_rungs=2, canet_rung_choice="probe")
     with pytest.raises(ValueError, match="canet_rung_probe_split"):
         run_recbole(CANetRec, tmp_path, monkeypatch, canet_rungs=2, canet_rung_probe_split=True)
+    with pytest.raises(ValueError, match="canet_rung_cut"):
+        run_recbole(CANetRec, tmp_path, monkeypatch, canet_rungs=2, canet_rung_cut="served")
+    with pytest.raises(ValueError, match="canet_rung_order"):
+        run_recbole(CANetRec, tmp_path, monkeypatch, canet_rungs=2, canet_rung_order="rising")
     with pytest.raises(ValueError, match="canet_rung_epoch must be after the warm-up"):
         run_recbole(CANetRec, tmp_path, monkeypatch, canet_rungs=2, canet_rung_epoch=1,
                     canet_warmup_epochs=1)

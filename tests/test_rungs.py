@@ -513,3 +513,141 @@ def test_training_cuts_the_rungs_on_the_validation_lengths(monkeypatch):
     g = (split.test.lengths.double() >= model.rung_cuts[0]).long()
     want = torch.bincount(model.rung_routes[g], minlength=cfg.num_routes).tolist()
     assert res["test"]["route_counts"] == want
+
+
+# -------------------------------- rung_cut = "served", rung_order = "rising" --
+
+def test_length_cuts_give_tied_lengths_their_own_group():
+    """Beauty-like lengths, a third of the users on the shortest: the
+    quantile cut (rung_groups) leaves group 0 empty, length_cuts starts a
+    group at each length whose share below is nearest 1/4, 2/4, 3/4
+    (worked out by hand below)."""
+    from canet_kernels.model.encoder import length_cuts, rung_groups
+    L = torch.tensor([4] * 32 + [5] * 19 + [6] * 12 + [7] * 8 + [8] * 6 + [9] * 23)
+    # shares below 5, 6, 7, 8, 9: 0.32, 0.51, 0.63, 0.71, 0.77
+    assert length_cuts(L, 4).tolist() == [5.0, 6.0, 9.0]
+    g = torch.bucketize(L.double(), length_cuts(L, 4), right=True)
+    assert torch.bincount(g, minlength=4).tolist() == [32, 19, 26, 23]
+    assert torch.bincount(rung_groups(L.double(), 4)[1], minlength=4)[0] == 0
+    # each cut leaves a length for the cuts after it
+    assert length_cuts(torch.tensor([1] * 90 + [2, 3, 4] * 3 + [5]), 4).tolist() == \
+        [2.0, 3.0, 4.0]
+    # fewer lengths than groups: the cuts repeat, the groups between are empty
+    assert length_cuts(torch.tensor([3, 3, 7, 7]), 4).tolist() == [7.0, 7.0, 7.0]
+
+
+def test_rising_routes_against_brute_force():
+    """Random cases, routes listed out of cost order and with a tie: the
+    routes' ratios rise strictly by group and no rising choice (all listed
+    by itertools) has a higher total; under a target, the choice meets it
+    and stays rising."""
+    from canet_kernels.model.encoder import choose_under_target, rising_routes
+    g = torch.Generator().manual_seed(1)
+    ratio = torch.tensor([0.35, 0.1, 0.5, 0.2, 0.5, 1.0], dtype=torch.float64)
+
+    def rising(c):
+        return all(ratio[c[i]] < ratio[c[i + 1]] for i in range(len(c) - 1))
+
+    short = []
+    for _ in range(200):
+        K = int(torch.randint(1, 5, (1,), generator=g))
+        metric = torch.rand(K, 6, generator=g, dtype=torch.float64)
+        n = torch.randint(0, 20, (K,), generator=g).double()
+
+        def total(c):
+            return float(sum(n[k] * metric[k, c[k]] for k in range(K)))
+
+        got = rising_routes(metric, n, ratio).tolist()
+        assert rising(got)
+        best = max(total(c) for c in itertools.product(range(6), repeat=K) if rising(c))
+        assert total(got) == pytest.approx(best, abs=1e-9)
+        target = float(torch.empty(1, dtype=torch.float64).uniform_(0.3, 1.0, generator=g))
+        if n.sum() == 0:
+            continue
+        got = choose_under_target(metric, n, ratio, target, rising=True).tolist()
+        cost = lambda c: float(sum(n[k] * ratio[c[k]] for k in range(K)) / n.sum())  # noqa: E731
+        feasible = [total(c) for c in itertools.product(range(6), repeat=K)
+                    if rising(c) and cost(c) <= target]
+        assert rising(got)
+        if feasible:
+            assert cost(got) <= target + 1e-12
+            short.append(1 - total(got) / max(max(feasible), 1e-12))
+    assert max(short) < 0.2 and sum(short) / len(short) < 0.02, (max(short), sum(short))
+    with pytest.raises(ValueError, match="4 groups need 4 routes of distinct FLOP ratios"):
+        rising_routes(torch.zeros(4, 3), torch.ones(4), torch.tensor([0.1, 0.5, 0.5]))
+
+
+def test_probe_with_rising_order_gives_costlier_groups_costlier_routes(monkeypatch):
+    """Group 0 gains from compute, group 1 does not: free, the probe gives
+    group 0 the costlier route; rising, the best pair of rising ratios,
+    found here by listing all pairs."""
+    m = tiny(flop_target=None)
+    ratios = np.array(m.cfg.route_flop_ratios())
+    lg = torch.zeros(10, 4)
+    lg[:5, 0], lg[5:, 3] = 3.0, 3.0          # users 0-4 group 0, 5-9 group 1
+    per_route = {r: [float(np.sqrt(ratios[r]))] * 5 + [0.9 - 0.01 * r] * 5 for r in range(4)}
+
+    def fake(model, es, *a, route=None, per_user=False, **kw):
+        return {"per_user": {"ndcg@10": per_route[route]}}
+
+    monkeypatch.setattr(T, "evaluate", fake)
+    free = T.probe_rungs(m, None, lg, T.TrainConfig()).tolist()
+    assert free == [3, 0]
+    got = T.probe_rungs(m, None, lg, T.TrainConfig(rung_order="rising")).tolist()
+    want = max(((a, b) for a in range(4) for b in range(4) if ratios[a] < ratios[b]),
+               key=lambda c: (np.mean(per_route[c[0]][:5]) + np.mean(per_route[c[1]][5:]),
+                              -ratios[c[0]] - ratios[c[1]]))
+    assert got == list(want) and ratios[got[0]] < ratios[got[1]]
+
+
+def test_training_cuts_on_the_served_lengths_with_rising_routes(monkeypatch):
+    """canet train with rung_cut "served" and rung_order "rising": the cut
+    points are set on the validation lengths plus one (capped at max_len),
+    the probe groups the validation users by them, the rungs' FLOP ratios
+    rise, and every test user is served on its length's rung."""
+    from canet_kernels.model.encoder import length_cuts
+    split = D.leave_one_out(D.synthetic(120, 40, seed=3), max_len=20)
+    cfg = CANetConfig(n_items=split.n_items, rungs=3, rung_signal="length",
+                      **dict(TINY, max_len=20))
+    served = (split.valid.lengths + 1).clamp_max(20)
+    cuts = length_cuts(served, 3)
+    assert not torch.equal(cuts, length_cuts(split.valid.lengths, 3))   # the case tells them apart
+    probed = []
+    real = T.choose_under_target
+
+    def spy(metric, n, *a, **kw):
+        probed.append((n.clone(), kw.get("rising")))
+        return real(metric, n, *a, **kw)
+
+    monkeypatch.setattr(T, "choose_under_target", spy)
+    model, res = T.train(cfg, T.TrainConfig(epochs=3, rung_epoch=1, batch_size=16,
+                                            rung_choice="probe", rung_cut="served",
+                                            rung_order="rising", progress=False),
+                         split, log=lambda *_: None)
+    assert torch.equal(model.rung_cuts, cuts)
+    vg = torch.bucketize(split.valid.lengths.double(), cuts, right=True)
+    assert probed[0][1] is True
+    assert probed[0][0].tolist() == torch.bincount(vg, minlength=3).double().tolist()
+    r = model.route_ratio[model.rung_routes]
+    assert bool((r.diff() > 0).all()), model.rung_routes
+    tg = torch.bucketize(split.test.lengths.double(), cuts, right=True)
+    want = torch.bincount(model.rung_routes[tg], minlength=cfg.num_routes).tolist()
+    assert res["test"]["route_counts"] == want
+
+
+def test_rung_cut_and_order_errors_name_the_argument():
+    split = D.leave_one_out(D.synthetic(40, 40, seed=0), max_len=8)
+    cfg = CANetConfig(n_items=split.n_items, rungs=2, **TINY)
+    length = CANetConfig(n_items=split.n_items, rungs=2, rung_signal="length", **TINY)
+    cases = [(cfg, dict(rung_cut="served", rung_choice="probe"), "needs rung_signal 'length'"),
+             (length, dict(rung_order="rising"), "needs rung_choice 'probe'"),
+             (length, dict(rung_cut="test"), "rung_cut must be"),
+             (length, dict(rung_order="up"), "rung_order must be"),
+             (CANetConfig(n_items=split.n_items, rungs=5, **TINY),
+              dict(rung_order="rising", rung_choice="probe"), "rungs=5 need as many routes")]
+    for mcfg, kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            T.train(mcfg, T.TrainConfig(epochs=3, rung_epoch=1, progress=False, **kw), split,
+                    log=lambda *_: None)
+    with pytest.raises(ValueError, match=r"cuts must be 1 ascending"):
+        tiny(rungs=2).set_rungs(torch.zeros(3, 4), cuts=[0.5, 0.7])

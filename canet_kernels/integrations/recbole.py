@@ -42,7 +42,8 @@ Config keys (every default is the CANetConfig / TrainConfig field default):
                        validation users' votes, the groups cut as
                        canet_rung_signal says, see CANetTrainer; the probe,
                        canet_rung_choice: probe, and its split,
-                       canet_rung_probe_split, are canet train's only)
+                       canet_rung_probe_split, canet_rung_cut and
+                       canet_rung_order, are canet train's only)
 
 Item ids: RecBole's `n_items` counts the padding id 0, so canet's n_items is
 one less, and canet's score rows [B, n_items + 1] are RecBole's [B, n_items].
@@ -242,6 +243,10 @@ class CANetRec(SequentialRecommender):
                 raise ValueError("canet_rung_probe_split splits the probe's validation "
                                  "users; CANetTrainer runs no probe (it consolidates by "
                                  "votes)")
+            for name, plain in (("rung_cut", "valid"), ("rung_order", "free")):
+                if train_option(config, name) != plain:
+                    raise ValueError(f"canet_{name} is canet train's only; CANetTrainer "
+                                     f"takes {plain!r}, got {train_option(config, name)!r}")
             check_rungs(self.canet_cfg.rungs, self.warmup_epochs, self.rung_epoch,
                         self.rung_lift, prefix="canet_")
         seed = _get(config, "seed")

@@ -506,11 +506,12 @@ class CANetEncoder(nn.Module):
         return self.rung_routes[lift_rungs(g, u.to(g.device), share, self.cfg.rungs)]
 
     @torch.no_grad()
-    def set_rungs(self, logits, routes=None, lengths=None) -> list:
+    def set_rungs(self, logits, routes=None, lengths=None, cuts=None) -> list:
         """Consolidates the router's routes into cfg.rungs rungs from held-out
         (validation) users' logits [N, R] (and history `lengths` [N]): the
         users are cut into equal groups at quantiles of their rung_score
-        (rung_groups), and each group's rung is `routes[g]` if given, else
+        (rung_groups), or at the given `cuts` [K - 1] of it (ascending),
+        and each group's rung is `routes[g]` if given, else
         the route the current inference pick (argmax less the cost bias)
         gives most of them (if these overshoot cfg.flop_target: the routes
         within it that hold the routes of most of them; rung_votes).
@@ -530,10 +531,18 @@ class CANetEncoder(nn.Module):
         if lengths is not None and torch.as_tensor(lengths).numel() != logits.shape[0]:
             raise ValueError(f"set_rungs: lengths must be [{logits.shape[0]}], "
                              f"got {tuple(torch.as_tensor(lengths).shape)}")
+        if cuts is not None:
+            cuts = torch.as_tensor(cuts, dtype=torch.float64).cpu()
+            if cuts.shape != (K - 1,) or bool((cuts.diff() < 0).any()):
+                raise ValueError(f"set_rungs: cuts must be {K - 1} ascending cut points, "
+                                 f"got {cuts.tolist()}")
         score = self.rung_score(logits, lengths).cpu()   # checked before the rungs change
         self.rung_routes.fill_(-1)                  # pick below: the router's own routes
         self._rungs_set = False
-        cuts, group = rung_groups(score, K)
+        if cuts is None:
+            cuts, group = rung_groups(score, K)
+        else:
+            group = torch.bucketize(score, cuts, right=True)
         rung = rung_votes(self.pick(logits).cpu(), group, K, self.route_ratio.cpu(),
                           self.cfg.flop_target, route_nesting(self.cfg.routes())) \
             if routes is None else routes
@@ -738,6 +747,30 @@ def rung_groups(score, k: int):
     return cuts, torch.bucketize(score, cuts, right=True)
 
 
+def length_cuts(lengths, k: int):
+    """[k - 1] cut points of integer `lengths` [N] into k groups as equal as
+    ties allow (a length on a cut goes up, as in rung_groups): each cut in
+    turn is the length with the share of users below it nearest i / k,
+    above the previous cut and leaving a length for each cut after it. A
+    length held by many users (Beauty: 32% have the shortest) then starts
+    or ends a group instead of leaving the group below it empty, as the
+    quantiles do. Fewer distinct lengths than groups: the last cuts repeat
+    (empty groups)."""
+    L = torch.as_tensor(lengths).reshape(-1).double()
+    vals, counts = L.unique(return_counts=True)
+    below = ((counts.cumsum(0) - counts).double() / len(L)).tolist()
+    cuts, lo = [], 1                      # vals[0] cannot start a group
+    for i in range(1, k):
+        hi = min(len(vals) - (k - i), len(vals) - 1)
+        if lo > hi:                       # no length left: an empty group
+            cuts.append(cuts[-1] if cuts else float(vals[-1]))
+            continue
+        j = min(range(lo, hi + 1), key=lambda j: (abs(below[j] - i / k), j))
+        cuts.append(float(vals[j]))
+        lo = j + 1
+    return torch.tensor(cuts, dtype=torch.float64)
+
+
 def lift_rungs(group, u, share: float, k: int):
     """Rung indices [N] of `group` [N] (of k) with each user below the top
     rung moved, when u[:, 0] < share, to a costlier rung drawn uniformly
@@ -780,17 +813,22 @@ def route_nesting(routes) -> torch.Tensor:
     return (t[:, None, :] <= t[None, :, :]).all(-1)
 
 
-def choose_under_target(metric, n, ratio, target: float | None, floor: float = 0.0):
+def choose_under_target(metric, n, ratio, target: float | None, floor: float = 0.0,
+                        rising: bool = False):
     """[K] one route per group for the most total metric (metric [K, R] per
     user, n [K] users per group) whose mean FLOP ratio meets `target`, each
     route having to buy at least `floor` of metric per unit of FLOP ratio:
     argmax_r metric[g, r] - price * ratio[r] (cheaper routes first on ties)
     at the lowest price >= floor that meets the target (None: the floor),
     then, as a Lagrangian misses the routes that are best at no price (off
-    a group's convex hull), the budget left is filled greedily."""
+    a group's convex hull), the budget left is filled greedily. `rising`:
+    the routes' FLOP ratios must rise strictly from group 0 to group K - 1
+    (rising_routes instead of the argmax)."""
     order = ratio.argsort(stable=True)
 
     def choose(price):
+        if rising:
+            return rising_routes(metric - price * ratio[None], n, ratio)
         return order[(metric - price * ratio[None])[:, order].argmax(1)]
 
     def mean_ratio(price):
@@ -799,13 +837,47 @@ def choose_under_target(metric, n, ratio, target: float | None, floor: float = 0
     if target is None:
         return choose(floor)
     return fill_budget(metric - floor * ratio[None], n, ratio, target,
-                       choose(lowest_price(mean_ratio, target, floor)))
+                       choose(lowest_price(mean_ratio, target, floor)), rising)
 
 
-def fill_budget(value, n, ratio, target: float, pick):
+def rising_routes(value, n, ratio):
+    """[K] the routes, one per group, of strictly rising FLOP `ratio` [R]
+    from group 0 to group K - 1 with the most total n_g * value[g, r]
+    (value [K, R] per user): dynamic programming over the groups in order,
+    cheaper routes first on ties."""
+    K, R = value.shape
+    order = ratio.argsort(stable=True).tolist()
+    rs = [float(ratio[j]) for j in order]
+    if len(set(rs)) < K:
+        raise ValueError(f"rising routes: {K} groups need {K} routes of distinct FLOP "
+                         f"ratios, the routes have {len(set(rs))}")
+    w = (n.double()[:, None] * value.double())[:, order].tolist()   # by rising ratio
+    best, back = w[0], []
+    for g in range(1, K):
+        # best[j]: the most total of groups 0..g with group g on the j-th cheapest route
+        new, arg, run, run_i, i = [], [], -math.inf, -1, 0
+        for j in range(R):
+            while i < R and rs[i] < rs[j]:
+                if best[i] > run:
+                    run, run_i = best[i], i
+                i += 1
+            new.append(run + w[g][j])
+            arg.append(run_i)
+        best = new
+        back.append(arg)
+    j = max(range(R), key=lambda j: (best[j], -j))
+    pick = [j]
+    for arg in reversed(back):
+        j = arg[j]
+        pick.append(j)
+    return torch.tensor([order[j] for j in reversed(pick)])
+
+
+def fill_budget(value, n, ratio, target: float, pick, rising: bool = False):
     """Greedy improvement of the routes `pick` [K] under the target: while
     some group can move to a route of higher `value` [K, R] (per user) and
-    the mean FLOP ratio still meets `target`, the move that adds the most
+    the mean FLOP ratio still meets `target` (and with `rising`, the ratios
+    still rise strictly from group to group), the move that adds the most
     n_g * value is made."""
     pick, budget = pick.clone(), target * float(n.sum())
     while True:
@@ -813,6 +885,11 @@ def fill_budget(value, n, ratio, target: float, pick):
         gain = n[:, None] * (value - value.gather(1, pick[:, None]))
         extra = n[:, None] * (ratio[None] - ratio[pick][:, None])
         ok = (gain > 1e-12) & (extra <= room + 1e-9)
+        if rising:                        # between the neighbours' ratios
+            r = ratio[pick]
+            inf = r.new_full((1,), math.inf)
+            ok &= (ratio[None] > torch.cat([-inf, r[:-1]])[:, None]) & \
+                (ratio[None] < torch.cat([r[1:], inf])[:, None])
         if not bool(ok.any()):
             return pick
         g, r = divmod(int(torch.where(ok, gain, -math.inf).argmax()), value.shape[1])
