@@ -421,9 +421,16 @@ def probe_rungs(model: CANet, es: EvalSet, logits, tcfg: TrainConfig,
         metric[:, r] = torch.zeros(K, dtype=torch.float64).index_add_(0, group, pu) / \
             n.clamp_min(1)
     best = float((n @ metric).max() / n.sum())     # the best single route's metric
-    return choose_under_target(metric, n, model.route_ratio.cpu(), cfg.flop_target,
-                               floor=RUNG_MIN_PRICE * best,
-                               rising=tcfg.rung_order == "rising")
+    ratio = model.route_ratio.cpu()
+    routes = choose_under_target(metric, n, ratio, cfg.flop_target,
+                                 floor=RUNG_MIN_PRICE * best,
+                                 rising=tcfg.rung_order == "rising")
+    cost = float((n * ratio[routes]).sum() / n.sum().clamp_min(1))
+    if cfg.flop_target is not None and cost > cfg.flop_target + 1e-9:
+        # only rising routes can: K distinct routes may cost more than the target
+        warnings.warn(f"rung_order 'rising': the cheapest rising routes cost FLOP ratio "
+                      f"{cost:.3f}, above flop_target {cfg.flop_target}")
+    return routes
 
 
 def sandwich_routes(cfg: CANetConfig, n: int, gen: torch.Generator):

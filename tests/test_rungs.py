@@ -598,6 +598,11 @@ def test_probe_with_rising_order_gives_costlier_groups_costlier_routes(monkeypat
                key=lambda c: (np.mean(per_route[c[0]][:5]) + np.mean(per_route[c[1]][5:]),
                               -ratios[c[0]] - ratios[c[1]]))
     assert got == list(want) and ratios[got[0]] < ratios[got[1]]
+    # two distinct routes cannot meet a target at the cheapest route's ratio: said
+    tight = tiny(flop_target=float(ratios.min()) + 1e-6)
+    with pytest.warns(UserWarning, match="cheapest rising routes cost"):
+        got = T.probe_rungs(tight, None, lg, T.TrainConfig(rung_order="rising")).tolist()
+    assert got == list(np.argsort(ratios, kind="stable")[:2])
 
 
 def test_training_cuts_on_the_served_lengths_with_rising_routes(monkeypatch):
