@@ -408,8 +408,7 @@ def probe_rungs(model: CANet, es: EvalSet, logits, tcfg: TrainConfig,
     cfg = model.cfg
     K, R = cfg.rungs, cfg.num_routes
     score = model.rung_score(logits, _rung_lengths(model, es)).cpu()
-    group = rung_groups(score, K)[1] if cuts is None else \
-        torch.bucketize(score, torch.as_tensor(cuts, dtype=torch.float64), right=True)
+    _, group = rung_groups(score, K, cuts)
     if users is not None:
         es, group = es.subset(users), group[users]
     n = torch.bincount(group, minlength=K).double()
@@ -591,12 +590,7 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
         raise ValueError(f"router_mode must be 'canet' or 'value', got {tcfg.router_mode!r}")
     check_rungs(model_cfg.rungs, tcfg.warmup_epochs, tcfg.rung_epoch, tcfg.rung_lift,
                 tcfg.epochs)
-    if tcfg.rung_choice not in ("vote", "probe"):
-        raise ValueError(f"rung_choice must be 'vote' or 'probe', got {tcfg.rung_choice!r}")
-    if tcfg.rung_probe_split and model_cfg.rungs and tcfg.rung_choice != "probe":
-        raise ValueError("rung_probe_split needs rung_choice 'probe' (the votes read "
-                         f"no validation targets), got {tcfg.rung_choice!r}")
-    check_rung_order(model_cfg, tcfg)
+    check_rung_choice(model_cfg, tcfg)
     if model_cfg.n_items < split.n_items:
         raise ValueError(f"model n_items {model_cfg.n_items} < data n_items {split.n_items}")
     set_seed(tcfg.seed)
@@ -757,8 +751,14 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
     return model.eval(), results
 
 
-def check_rung_order(mcfg: CANetConfig, tcfg: TrainConfig):
-    """Refuses rung_cut and rung_order values that do not apply, naming them."""
+def check_rung_choice(mcfg: CANetConfig, tcfg: TrainConfig):
+    """Refuses rung_choice, rung_probe_split, rung_cut and rung_order
+    values that do not apply, naming them."""
+    if tcfg.rung_choice not in ("vote", "probe"):
+        raise ValueError(f"rung_choice must be 'vote' or 'probe', got {tcfg.rung_choice!r}")
+    if tcfg.rung_probe_split and mcfg.rungs and tcfg.rung_choice != "probe":
+        raise ValueError("rung_probe_split needs rung_choice 'probe' (the votes read "
+                         f"no validation targets), got {tcfg.rung_choice!r}")
     if tcfg.rung_cut not in ("valid", "served"):
         raise ValueError(f"rung_cut must be 'valid' or 'served', got {tcfg.rung_cut!r}")
     if tcfg.rung_order not in ("free", "rising"):

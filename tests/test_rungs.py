@@ -499,9 +499,9 @@ def test_training_cuts_the_rungs_on_the_validation_lengths(monkeypatch):
     groups = []
     real = T.rung_groups
 
-    def spy(score, k):
+    def spy(score, k, cuts=None):
         groups.append(score.clone())
-        return real(score, k)
+        return real(score, k, cuts)
 
     monkeypatch.setattr(T, "rung_groups", spy)
     model, res = T.train(cfg, T.TrainConfig(epochs=3, rung_epoch=1, batch_size=16,

@@ -539,10 +539,7 @@ class CANetEncoder(nn.Module):
         score = self.rung_score(logits, lengths).cpu()   # checked before the rungs change
         self.rung_routes.fill_(-1)                  # pick below: the router's own routes
         self._rungs_set = False
-        if cuts is None:
-            cuts, group = rung_groups(score, K)
-        else:
-            group = torch.bucketize(score, cuts, right=True)
+        cuts, group = rung_groups(score, K, cuts)
         rung = rung_votes(self.pick(logits).cpu(), group, K, self.route_ratio.cpu(),
                           self.cfg.flop_target, route_nesting(self.cfg.routes())) \
             if routes is None else routes
@@ -738,12 +735,16 @@ def lowest_price(mean_ratio, target: float, lo: float, iters: int = 50) -> float
     return bisect_price(mean_ratio, target, lo, hi, iters)
 
 
-def rung_groups(score, k: int):
+def rung_groups(score, k: int, cuts=None):
     """(cut points [k - 1], group [N]) of users with scores [N]: k equal
-    groups at the score's quantiles (ties share a group)."""
-    q = torch.arange(1, k, dtype=torch.float64) / k
+    groups at the score's quantiles (ties share a group), or at the given
+    ascending `cuts` (a score on a cut goes up)."""
     score = score.double()
-    cuts = torch.quantile(score, q) if k > 1 else score.new_zeros(0)
+    if cuts is None:
+        q = torch.arange(1, k, dtype=torch.float64) / k
+        cuts = torch.quantile(score, q) if k > 1 else score.new_zeros(0)
+    else:
+        cuts = torch.as_tensor(cuts, dtype=torch.float64).to(score.device)
     return cuts, torch.bucketize(score, cuts, right=True)
 
 
