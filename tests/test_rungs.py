@@ -534,6 +534,8 @@ def test_length_cuts_give_tied_lengths_their_own_group():
         [2.0, 3.0, 4.0]
     # fewer lengths than groups: the cuts repeat, the groups between are empty
     assert length_cuts(torch.tensor([3, 3, 7, 7]), 4).tolist() == [7.0, 7.0, 7.0]
+    # two lengths equally near 1/2 (shares below 0.4 and 0.6): the lower cut
+    assert length_cuts(torch.tensor([1, 1, 2, 3, 3]), 2).tolist() == [2.0]
 
 
 def test_rising_routes_against_brute_force():

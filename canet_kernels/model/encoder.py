@@ -752,7 +752,8 @@ def length_cuts(lengths, k: int):
     """[k - 1] cut points of integer `lengths` [N] into k groups as equal as
     ties allow (a length on a cut goes up, as in rung_groups): each cut in
     turn is the length with the share of users below it nearest i / k,
-    above the previous cut and leaving a length for each cut after it. A
+    above the previous cut and leaving a length for each cut after it
+    (two equally near: the lower, so the tied length goes up). A
     length held by many users (Beauty: 32% have the shortest) then starts
     or ends a group instead of leaving the group below it empty, as the
     quantiles do. Fewer distinct lengths than groups: the last cuts repeat
