@@ -78,7 +78,9 @@ HELP = {
     "calibrate_flops": "before each evaluation, set the inference cost bias on "
                        "validation users so the routes meet --flop-target",
     "spend_budget": "calibration also lifts routes below --flop-target up to it",
-    "warmup_epochs": "epochs of sandwich supernet training before the router trains",
+    "warmup_epochs": "epochs of sandwich supernet training before the router trains "
+                     "(with --rung-signal length --rung-choice probe the router is not "
+                     "used and not trained: the warm-up lasts to --rung-epoch)",
     "router_mode": "canet: the paper's Gumbel router with guide/uniform/budget losses; "
                    "value: the router regresses measured per-route losses, the FLOP "
                    "price is set at inference",

@@ -63,6 +63,7 @@ class TrainConfig:
     spend_budget: bool = False
     # Epochs of supernet warm-up before the router trains: routes sampled per
     # sample (a quarter max, a quarter min, the rest uniform: "sandwich"), CE only.
+    # Rungs that do not use the router (router_idle) warm up to the rung epoch.
     warmup_epochs: int = 0
     # How the router learns after the warm-up: "canet" = the paper's
     # straight-through Gumbel routes with the guide, uniform and budget
@@ -627,6 +628,11 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
     # split: the half the probe did not see)
     rung_valid = split.valid.subset(probe_halves(len(split.valid), tcfg.seed)[1]) \
         if tcfg.rung_probe_split else split.valid
+    idle = router_idle(model_cfg, tcfg)
+    if idle and eval_route is None:
+        log(f"the rungs are cut by history length and chosen by the probe, so the router is "
+            f"not used: it is not trained, and epochs 1-{tcfg.rung_epoch} warm up the "
+            "supernet (sandwich routes)")
     start_epoch = state["epoch"] + 1
     for epoch in range(start_epoch, tcfg.epochs + 1):
         if state["stopped"]:
@@ -645,9 +651,10 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
             lengths = tr.lengths[idx]
             L = int(lengths.max())
             routes = _fixed(model, len(idx), tcfg.fixed_route)
-            free = routes is None and not model.has_rungs   # the router trains
-            value = free and tcfg.router_mode == "value" and epoch > tcfg.warmup_epochs
-            if free and (epoch <= tcfg.warmup_epochs or value):
+            free = routes is None and not model.has_rungs   # no fixed route, no rungs yet
+            warm = free and (epoch <= tcfg.warmup_epochs or idle)
+            value = free and not warm and tcfg.router_mode == "value"
+            if warm or value:
                 # drawn for the whole batch: the generator advances as in one process
                 routes = sandwich_routes(model.cfg, len(batch), gen)[part]
             items, targets = tr.items[idx, :L].to(device), tr.targets[idx, :L].to(device)
@@ -677,7 +684,7 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
         out_of_time = (tcfg.max_train_seconds is not None
                        and state["train_seconds"] >= tcfg.max_train_seconds)
         if _rungs_pending(model, eval_route) and (epoch >= tcfg.rung_epoch or out_of_time):
-            if tcfg.calibrate_flops:   # the votes are the deployed routes'
+            if tcfg.calibrate_flops and not idle:   # the votes are the deployed routes'
                 calibrate(model, split.valid, tcfg.eval_batch_size, spend=tcfg.spend_budget,
                           dist=dist)
             rec["rungs"] = consolidate(model, split.valid, tcfg, dist)
@@ -699,7 +706,7 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
             if len(valid) < len(split.valid):
                 msg += f" ({len(valid)} users, the probe's other half)"
             msg += " | " + route_summary(model.cfg, val["route_counts"])
-            if eval_route is None:
+            if eval_route is None and not (idle and not model.has_rungs):
                 collapse_warning(model.cfg, val["route_counts"], epoch)
             if state["best"] is None or val[sel] > state["best"][sel]:
                 state["best"], state["best_epoch"], state["bad_evals"] = \
@@ -749,6 +756,14 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
         dist.table.unshard()            # the returned model scores the whole table
     dist.barrier()  # no rank exits while another still waits on it (that aborts gloo)
     return model.eval(), results
+
+
+def router_idle(mcfg: CANetConfig, tcfg: TrainConfig) -> bool:
+    """The rungs never read the router: the users are cut into groups by
+    history length and each group's route is chosen by the probe, so
+    training the router would only train the supernet on routes that are
+    never served, under losses that shape nothing served."""
+    return bool(mcfg.rungs) and mcfg.rung_signal == "length" and tcfg.rung_choice == "probe"
 
 
 def check_rung_choice(mcfg: CANetConfig, tcfg: TrainConfig):

@@ -642,6 +642,37 @@ def test_training_cuts_on_the_served_lengths_with_rising_routes(monkeypatch):
     assert res["test"]["route_counts"] == want
 
 
+@pytest.mark.parametrize("signal", ["length", "router"])
+def test_rungs_that_do_not_read_the_router_leave_it_untrained(monkeypatch, signal):
+    """Length rungs chosen by the probe never read the router: every epoch up
+    to the rung epoch trains the supernet on sandwich routes, and the router
+    keeps its initial weights. Rungs cut on the router's score train it
+    after the warm-up."""
+    split = D.leave_one_out(D.synthetic(120, 40, seed=3), max_len=8)
+    cfg = CANetConfig(n_items=split.n_items, rungs=2, rung_signal=signal, **TINY)
+    given = []
+    real = CANet.loss
+
+    def spy(self, items, lengths, targets, routes=None, **kw):
+        if not self.has_rungs:
+            given.append(routes is not None)
+        return real(self, items, lengths, targets, routes=routes, **kw)
+
+    monkeypatch.setattr(CANet, "loss", spy)
+    model, _ = T.train(cfg, T.TrainConfig(epochs=3, warmup_epochs=1, rung_epoch=2,
+                                          batch_size=16, rung_choice="probe",
+                                          progress=False), split, log=lambda *_: None)
+    T.set_seed(0)                       # train() builds its model right after this
+    init = CANet(cfg).router.state_dict()
+    same = all(torch.equal(v, init[k]) for k, v in model.router.state_dict().items())
+    assert len(given) == 2 * -(-len(split.train) // 16)    # the batches of epochs 1 and 2
+    if signal == "length":
+        assert all(given) and same
+    else:
+        half = len(given) // 2           # epoch 1 warms up, epoch 2 trains the router
+        assert all(given[:half]) and not any(given[half:]) and not same
+
+
 def test_rung_cut_and_order_errors_name_the_argument():
     split = D.leave_one_out(D.synthetic(40, 40, seed=0), max_len=8)
     cfg = CANetConfig(n_items=split.n_items, rungs=2, **TINY)
