@@ -632,7 +632,7 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
     if idle and eval_route is None:
         log(f"the rungs are cut by history length and chosen by the probe, so the router is "
             f"not used: it is not trained, and epochs 1-{tcfg.rung_epoch} warm up the "
-            "supernet (sandwich routes)")
+            "supernet (sandwich routes, validated on the max route)")
     start_epoch = state["epoch"] + 1
     for epoch in range(start_epoch, tcfg.epochs + 1):
         if state["stopped"]:
@@ -692,12 +692,16 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
             # select among the epochs on the rungs only: the routes served
             state["best"], state["bad_evals"] = None, 0
         if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs or "rungs" in rec:
-            if eval_route is None and tcfg.calibrate_flops and not model.has_rungs:
+            # an idle router's routes serve nobody: until the rungs, validation
+            # logs the max route, what the sandwich warm-up has trained
+            unread = idle and _rungs_pending(model, eval_route)
+            if eval_route is None and tcfg.calibrate_flops and not model.has_rungs \
+                    and not unread:
                 rec["cost_bias"] = calibrate(model, split.valid, tcfg.eval_batch_size,
                                              spend=tcfg.spend_budget, dist=dist)
             valid = rung_valid if model.has_rungs else split.valid
-            val = evaluate(model, valid, tcfg.ks, tcfg.mask_seen,
-                           tcfg.eval_batch_size, route=eval_route, path=tcfg.path,
+            val = evaluate(model, valid, tcfg.ks, tcfg.mask_seen, tcfg.eval_batch_size,
+                           route="max" if unread else eval_route, path=tcfg.path,
                            dist=dist)
             rec["valid"] = {k: v for k, v in val.items() if k != "route_counts"}
             rec["valid"]["users"] = len(valid)
@@ -705,8 +709,9 @@ def train(model_cfg: CANetConfig, tcfg: TrainConfig, split: Split, out_dir=None,
             msg += f" | valid {sel} {val[sel]:.4f} flop ratio {val['flop_ratio']:.3f}"
             if len(valid) < len(split.valid):
                 msg += f" ({len(valid)} users, the probe's other half)"
-            msg += " | " + route_summary(model.cfg, val["route_counts"])
-            if eval_route is None and not (idle and not model.has_rungs):
+            msg += " | " + ("max route (the router is idle until the rungs)" if unread
+                            else route_summary(model.cfg, val["route_counts"]))
+            if eval_route is None and not unread:
                 collapse_warning(model.cfg, val["route_counts"], epoch)
             if state["best"] is None or val[sel] > state["best"][sel]:
                 state["best"], state["best_epoch"], state["bad_evals"] = \

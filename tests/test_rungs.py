@@ -5,6 +5,7 @@ the code under test."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -643,11 +644,12 @@ def test_training_cuts_on_the_served_lengths_with_rising_routes(monkeypatch):
 
 
 @pytest.mark.parametrize("signal", ["length", "router"])
-def test_rungs_that_do_not_read_the_router_leave_it_untrained(monkeypatch, signal):
+def test_rungs_that_do_not_read_the_router_leave_it_untrained(monkeypatch, tmp_path, signal):
     """Length rungs chosen by the probe never read the router: every epoch up
-    to the rung epoch trains the supernet on sandwich routes, and the router
-    keeps its initial weights. Rungs cut on the router's score train it
-    after the warm-up."""
+    to the rung epoch trains the supernet on sandwich routes, is validated on
+    the max route without calibrating the router, and the router keeps its
+    initial weights. Rungs cut on the router's score train it after the
+    warm-up and validate its routes."""
     split = D.leave_one_out(D.synthetic(120, 40, seed=3), max_len=8)
     cfg = CANetConfig(n_items=split.n_items, rungs=2, rung_signal=signal, **TINY)
     given = []
@@ -661,16 +663,22 @@ def test_rungs_that_do_not_read_the_router_leave_it_untrained(monkeypatch, signa
     monkeypatch.setattr(CANet, "loss", spy)
     model, _ = T.train(cfg, T.TrainConfig(epochs=3, warmup_epochs=1, rung_epoch=2,
                                           batch_size=16, rung_choice="probe",
-                                          progress=False), split, log=lambda *_: None)
+                                          progress=False), split, out_dir=str(tmp_path),
+                             log=lambda *_: None)
+    with open(tmp_path / "state.json") as f:
+        first = json.load(f)["history"][0]             # epoch 1, before the rungs
     T.set_seed(0)                       # train() builds its model right after this
     init = CANet(cfg).router.state_dict()
     same = all(torch.equal(v, init[k]) for k, v in model.router.state_dict().items())
     assert len(given) == 2 * -(-len(split.train) // 16)    # the batches of epochs 1 and 2
+    on_max = first["route_counts"][cfg.max_route] == len(split.valid)
     if signal == "length":
         assert all(given) and same
+        assert on_max and first["valid"]["flop_ratio"] == 1.0 and "cost_bias" not in first
     else:
         half = len(given) // 2           # epoch 1 warms up, epoch 2 trains the router
         assert all(given[:half]) and not any(given[half:]) and not same
+        assert not on_max and "cost_bias" in first
 
 
 def test_rung_cut_and_order_errors_name_the_argument():
