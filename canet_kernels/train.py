@@ -407,19 +407,13 @@ def probe_rungs(model: CANet, es: EvalSet, logits, tcfg: TrainConfig,
     (choose_under_target: the best total metric under the target; with
     tcfg.rung_order "rising", routes of rising FLOP ratio by group)."""
     cfg = model.cfg
-    K, R = cfg.rungs, cfg.num_routes
-    score = model.rung_score(logits, _rung_lengths(model, es)).cpu()
-    _, group = rung_groups(score, K, cuts)
+    K = cfg.rungs
+    group = probe_groups(model, es, logits, cuts)
     if users is not None:
         es, group = es.subset(users), group[users]
     n = torch.bincount(group, minlength=K).double()
-    metric = torch.zeros(K, R, dtype=torch.float64)
-    for r in range(R):
-        res = evaluate(model, es, tcfg.ks, tcfg.mask_seen, tcfg.eval_batch_size, route=r,
-                       path=tcfg.path, per_user=True, dist=dist)
-        pu = torch.tensor(res["per_user"][tcfg.select_metric], dtype=torch.float64)
-        metric[:, r] = torch.zeros(K, dtype=torch.float64).index_add_(0, group, pu) / \
-            n.clamp_min(1)
+    metric = torch.zeros(K, cfg.num_routes, dtype=torch.float64).index_add_(
+        0, group, route_values(model, es, tcfg, dist)) / n.clamp_min(1)[:, None]
     best = float((n @ metric).max() / n.sum())     # the best single route's metric
     ratio = model.route_ratio.cpu()
     routes = choose_under_target(metric, n, ratio, cfg.flop_target,
@@ -431,6 +425,23 @@ def probe_rungs(model: CANet, es: EvalSet, logits, tcfg: TrainConfig,
         warnings.warn(f"rung_order 'rising': the cheapest rising routes cost FLOP ratio "
                       f"{cost:.3f}, above flop_target {cfg.flop_target}")
     return routes
+
+
+def probe_groups(model: CANet, es: EvalSet, logits, cuts=None) -> torch.Tensor:
+    """[U] each user's rung group: rung_groups of their rung_score (router
+    `logits` or history length), cut at `cuts` or at the score's quantiles."""
+    score = model.rung_score(logits, _rung_lengths(model, es)).cpu()
+    return rung_groups(score, model.cfg.rungs, cuts)[1]
+
+
+def route_values(model: CANet, es: EvalSet, tcfg: TrainConfig,
+                 dist: distributed.Context | None = None) -> torch.Tensor:
+    """[U, R] float64 each user's tcfg.select_metric on every route of the
+    current supernet (the probe's input)."""
+    cols = [evaluate(model, es, tcfg.ks, tcfg.mask_seen, tcfg.eval_batch_size, route=r,
+                     path=tcfg.path, per_user=True, dist=dist)["per_user"][tcfg.select_metric]
+            for r in range(model.cfg.num_routes)]
+    return torch.tensor(cols, dtype=torch.float64).reshape(len(cols), -1).T
 
 
 def sandwich_routes(cfg: CANetConfig, n: int, gen: torch.Generator):

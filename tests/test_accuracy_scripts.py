@@ -4,6 +4,7 @@ comparators, per-quartile FLOP ratios, logit spread and a reused dense run."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -260,3 +261,47 @@ def test_compute_need_end_to_end(tmp_path):
             r = rows[name]
             assert abs(r["vs_random"] - r["test_ndcg@10"] / want) < 1e-9
             assert r["ci95"][0] <= r["ci95"][1]
+
+
+def test_probe_holdout_shrinks_and_scores_the_other_half():
+    """The probe's choice with each group's metric shrunk toward all users'
+    (values worked out by hand), and the held-out NDCG@10 of each choice on
+    users whose values are fixed by their group."""
+    sys.path.insert(0, ROOT)
+    import torch
+    from benchmarks.probe_holdout import choose, held_out
+    ratio = torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64)
+    # group 0: 2 users best on route 0; group 1: 8 users best on route 1;
+    # all users: [0.2, 0.4, 0]
+    values = torch.tensor([[1.0, 0, 0]] * 2 + [[0, 0.5, 0]] * 8, dtype=torch.float64)
+    group = torch.tensor([0] * 2 + [1] * 8)
+    for lam, want in [(0, [0, 1]), (8, [0, 1]), (20, [1, 1]), (math.inf, [1, 1])]:
+        # lam 8: group 0 [0.36, 0.32, 0]; lam 20: [0.27, 0.36, 0]
+        assert choose(values, group, 2, ratio, None, False, lam).tolist() == want, lam
+    values = torch.tensor([[1.0, 0, 0]] * 100 + [[0.1, 0, 0.8]] * 100, dtype=torch.float64)
+    group = torch.tensor([0] * 100 + [1] * 100)
+    res = held_out(values, group, 2, ratio, None, False, [0, math.inf], 50, 0)
+    assert res["probe, shrink 0"]["ndcg@10"] == pytest.approx(0.9, abs=0.02)
+    for name in ("probe, shrink inf", "one route"):       # route 0 for everyone
+        assert res[name]["ndcg@10"] == pytest.approx(0.55, abs=0.02)
+        assert res[name]["flop_ratio"] == pytest.approx(0.2)
+    assert res["max route"]["ndcg@10"] == pytest.approx(0.4, abs=0.02)
+
+
+def test_probe_holdout_end_to_end(tmp_path):
+    out = str(tmp_path / "p.json")
+    text = run(["benchmarks/probe_holdout.py", "--datasets", "LastFM", "--limit-users", "150",
+                "--rungs", "2", "--rung-epoch", "1", "--warmup-epochs", "0",
+                "--rung-choice", "probe", "--rung-signal", "length", "--rung-cut", "served",
+                "--rung-order", "rising", "--emb-widths", "16,32", "--hidden-widths", "16,32",
+                "--depths", "1,2", "--threads", "1", "--no-progress", "--halves", "5",
+                "--out", out], tmp_path)
+    assert "epoch 1:" in text and "epoch 2:" not in text    # stopped at the rung epoch
+    with open(out) as f:
+        d = json.load(f)["datasets"]["LastFM"]
+    assert set(d["held_out"]) == {"probe, shrink 0", "probe, shrink 300", "probe, shrink 1000",
+                                  "probe, shrink inf", "one route", "max route"}
+    assert d["held_out"]["max route"]["flop_ratio"] == 1.0 and sum(d["groups"]) == d["users"]
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run([sys.executable, "benchmarks/probe_holdout.py", "--halves", "0"],
+                       cwd=ROOT, check=True, capture_output=True)
