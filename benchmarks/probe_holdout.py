@@ -21,6 +21,7 @@ Validation only: no test metric is read.
     python benchmarks/probe_holdout.py --datasets LastFM --seed 0 --balance switch \\
         --uniform-weight 3 --rungs 4 --rung-epoch 20 --rung-choice probe \\
         --rung-signal length --rung-cut served --rung-order rising --threads 1
+    python benchmarks/probe_holdout.py --table runs/*_probe_holdout.json   # tables
 Results: benchmarks/results/accuracy/README.md.
 """
 from __future__ import annotations
@@ -61,6 +62,8 @@ def parse(argv=None):
     p.add_argument("--limit-users", type=int, default=None, help="first N users (smoke runs)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                   help="print the markdown table of these finished runs and exit")
     a = p.parse_args(argv)
     if a.halves < 1:
         p.error(f"--halves must be >= 1, got {a.halves}")
@@ -112,8 +115,40 @@ def held_out(values, group, k, ratio, target, rising, shrink, halves, seed):
     return {name: {"ndcg@10": s[0], "flop_ratio": s[1]} for name, s in sums.items()}
 
 
+def markdown(paths) -> str:
+    """One row per data set and seed: each choice's held-out NDCG@10 as a
+    multiple of one route's (FLOP ratio), then the means over seeds."""
+    rows, by_data = [], {}
+    for path in paths:
+        with open(path) as f:
+            rep = json.load(f)
+        for name, d in rep["datasets"].items():
+            res = d["held_out"]
+            one = res["one route"]["ndcg@10"]
+            by_data.setdefault(name, []).append({k: v["ndcg@10"] / one for k, v in res.items()})
+            rows.append((name, rep["settings"]["seed"], res, one))
+    names = list(rows[0][2]) if rows else []
+    out = ["| data | seed | one route NDCG@10 | " + " | ".join(names) + " |",
+           "|---|---|---|" + "---|" * len(names)]
+    for name, seed, res, one in sorted(rows, key=lambda r: (r[0], r[1])):
+        cells = [f"{res[k]['ndcg@10'] / one:.3f} ({res[k]['flop_ratio']:.3f})" for k in names]
+        out.append(f"| {name} | {seed} | {one:.5f} | " + " | ".join(cells) + " |")
+    for name, xs in sorted(by_data.items()):
+        cells = []
+        for k in names:
+            v = torch.tensor([x[k] for x in xs], dtype=torch.float64)
+            se = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+            cells.append(f"{float(v.mean()):.3f} ({se:.3f})")
+        out.append(f"| {name} | mean of {len(xs)} (standard error) | - | " + " | ".join(cells)
+                   + " |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     a = parse(argv)
+    if a.table:
+        print(markdown(a.table))
+        return None
     if a.threads:
         torch.set_num_threads(a.threads)
     report = {"settings": vars(a), "datasets": {}}

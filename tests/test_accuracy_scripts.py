@@ -302,6 +302,10 @@ def test_probe_holdout_end_to_end(tmp_path):
     assert set(d["held_out"]) == {"probe, shrink 0", "probe, shrink 300", "probe, shrink 1000",
                                   "probe, shrink inf", "one route", "max route"}
     assert d["held_out"]["max route"]["flop_ratio"] == 1.0 and sum(d["groups"]) == d["users"]
+    table = run(["benchmarks/probe_holdout.py", "--table", out, out], tmp_path).splitlines()
+    assert table[0].startswith("| data | seed | one route NDCG@10 | probe, shrink 0 |")
+    assert len(table) == 5 and table[-1].startswith("| LastFM | mean of 2 ")
+    assert "| 1.000 (0.000) |" in table[-1]          # one route against itself
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run([sys.executable, "benchmarks/probe_holdout.py", "--halves", "0"],
                        cwd=ROOT, check=True, capture_output=True)
