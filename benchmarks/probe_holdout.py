@@ -21,7 +21,7 @@ Validation only: no test metric is read.
     python benchmarks/probe_holdout.py --datasets LastFM --seed 0 --balance switch \\
         --uniform-weight 3 --rungs 4 --rung-epoch 20 --rung-choice probe \\
         --rung-signal length --rung-cut served --rung-order rising --threads 1
-    python benchmarks/probe_holdout.py --table runs/*_probe_holdout.json   # tables
+    python benchmarks/probe_holdout.py --table runs/*_rising_probe_halves.json   # tables
 Results: benchmarks/results/accuracy/README.md.
 """
 from __future__ import annotations
@@ -115,6 +115,10 @@ def held_out(values, group, k, ratio, target, rising, shrink, halves, seed):
     return {name: {"ndcg@10": s[0], "flop_ratio": s[1]} for name, s in sums.items()}
 
 
+def _over(x, one):
+    return x / one if one else float("nan")     # a smoke run may score 0
+
+
 def markdown(paths) -> str:
     """One row per data set and seed: each choice's held-out NDCG@10 as a
     multiple of one route's (FLOP ratio), then the means over seeds."""
@@ -125,13 +129,15 @@ def markdown(paths) -> str:
         for name, d in rep["datasets"].items():
             res = d["held_out"]
             one = res["one route"]["ndcg@10"]
-            by_data.setdefault(name, []).append({k: v["ndcg@10"] / one for k, v in res.items()})
+            by_data.setdefault(name, []).append({k: _over(v["ndcg@10"], one)
+                                                  for k, v in res.items()})
             rows.append((name, rep["settings"]["seed"], res, one))
     names = list(rows[0][2]) if rows else []
     out = ["| data | seed | one route NDCG@10 | " + " | ".join(names) + " |",
            "|---|---|---|" + "---|" * len(names)]
     for name, seed, res, one in sorted(rows, key=lambda r: (r[0], r[1])):
-        cells = [f"{res[k]['ndcg@10'] / one:.3f} ({res[k]['flop_ratio']:.3f})" for k in names]
+        cells = [f"{_over(res[k]['ndcg@10'], one):.3f} ({res[k]['flop_ratio']:.3f})"
+                 for k in names]
         out.append(f"| {name} | {seed} | {one:.5f} | " + " | ".join(cells) + " |")
     for name, xs in sorted(by_data.items()):
         cells = []
@@ -175,13 +181,13 @@ def main(argv=None):
         res = held_out(values, group, mcfg.rungs, ratio, mcfg.flop_target,
                        tcfg.rung_order == "rising", a.shrink, a.halves, tcfg.seed)
         one = res["one route"]["ndcg@10"]
-        print(f"{name}, seed {tcfg.seed}: {len(es)} validation users, groups "
-              f"{torch.bincount(group, minlength=mcfg.rungs).tolist()}; held-out half:")
+        sizes = torch.bincount(group, minlength=mcfg.rungs).tolist()
+        print(f"{name}, seed {tcfg.seed}: {len(es)} validation users, groups {sizes}; "
+              "held-out half:")
         for k, v in res.items():
-            print(f"  {k:<22} NDCG@10 {v['ndcg@10']:.5f} ({v['ndcg@10'] / one:.3f} x one "
+            print(f"  {k:<22} NDCG@10 {v['ndcg@10']:.5f} ({_over(v['ndcg@10'], one):.3f} x one "
                   f"route)  FLOP ratio {v['flop_ratio']:.3f}")
-        report["datasets"][name] = {"users": len(es), "held_out": res,
-                                    "groups": torch.bincount(group).tolist()}
+        report["datasets"][name] = {"users": len(es), "held_out": res, "groups": sizes}
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:

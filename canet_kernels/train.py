@@ -441,7 +441,7 @@ def route_values(model: CANet, es: EvalSet, tcfg: TrainConfig,
     cols = [evaluate(model, es, tcfg.ks, tcfg.mask_seen, tcfg.eval_batch_size, route=r,
                      path=tcfg.path, per_user=True, dist=dist)["per_user"][tcfg.select_metric]
             for r in range(model.cfg.num_routes)]
-    return torch.tensor(cols, dtype=torch.float64).reshape(len(cols), -1).T
+    return torch.tensor(cols, dtype=torch.float64).T
 
 
 def sandwich_routes(cfg: CANetConfig, n: int, gen: torch.Generator):
