@@ -65,17 +65,27 @@ from canet_kernels.train import (TrainConfig, eval_batches, evaluate,  # noqa: E
 
 
 KINDS = ("dense", "canet", "static", "supernet")
+# this protocol's settings; everything else is CANetConfig's / TrainConfig's
+MODEL_DEFAULTS = {"flop_target": 0.40}
+TRAIN_DEFAULTS = {"epochs": 60, "patience": 10, "mask_seen": True, "warmup_epochs": 10}
+
+
+def read_dataset(data_dir, name, limit_users=None):
+    """`Beauty` -> Beauty.txt (users format); `ml-100k.inter` -> that RecBole
+    file; the first `limit_users` users only (smoke runs)."""
+    fname = name if name.endswith(".inter") else f"{name}.txt"
+    ds = D.read_file(os.path.join(data_dir, fname))  # format from the extension
+    if limit_users:
+        ds.sequences, ds.users = ds.sequences[:limit_users], ds.users[:limit_users]
+    return ds
 
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "data"))
     p.add_argument("--datasets", nargs="+", default=["Beauty", "LastFM"])
-    # this protocol's settings; everything else is CANetConfig's / TrainConfig's
-    add_options(p, CANetConfig, MODEL_OPTIONS, {"flop_target": 0.40}, "model")
-    add_options(p, TrainConfig, TRAIN_OPTIONS,
-                {"epochs": 60, "patience": 10, "mask_seen": True,
-                 "warmup_epochs": 10}, "training")
+    add_options(p, CANetConfig, MODEL_OPTIONS, MODEL_DEFAULTS, "model")
+    add_options(p, TrainConfig, TRAIN_OPTIONS, TRAIN_DEFAULTS, "training")
     p.add_argument("--models", nargs="+", default=["dense", "canet", "static"],
                    choices=KINDS)
     p.add_argument("--static-candidates", type=int, default=1,
@@ -298,11 +308,7 @@ def main():
     kinds = [k for k in KINDS if k in a.models and not (a.skip_dense and k == "dense")]
     report = {"settings": vars(a), "datasets": {}}
     for name in a.datasets:
-        # `Beauty` -> Beauty.txt (users format); `ml-100k.inter` -> that RecBole file
-        fname = name if name.endswith(".inter") else f"{name}.txt"
-        ds = D.read_file(os.path.join(a.data_dir, fname))  # format from the extension
-        if a.limit_users:
-            ds.sequences, ds.users = ds.sequences[:a.limit_users], ds.users[:a.limit_users]
+        ds = read_dataset(a.data_dir, name, a.limit_users)
         print(ds.summary())
         split = D.leave_one_out(ds, a.max_len, windows=a.windows)
         mcfg = from_options(CANetConfig, a, MODEL_OPTIONS, n_items=ds.n_items)

@@ -5,7 +5,7 @@ CANet is trained as accuracy_real.py trains it, up to the rung epoch (the
 same options; the run stops where the probe chooses the rungs). Then, on
 the validation users split at random into two halves (--halves times),
 the rung routes are chosen on one half as the probe chooses them
-(choose_under_target, the same target, price floor and --rung-order) and
+(train.choose_rungs: the same target, price floor and --rung-order) and
 scored by NDCG@10 on the other half, against:
   one route   the best single route under the FLOP target, chosen on the
               first half: the static choice inside the same supernet;
@@ -37,13 +37,14 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from benchmarks.accuracy_real import MODEL_DEFAULTS, TRAIN_DEFAULTS, read_dataset  # noqa: E402
 from canet_kernels import data as D  # noqa: E402
 from canet_kernels.model import CANetConfig  # noqa: E402
-from canet_kernels.model.encoder import choose_under_target  # noqa: E402
 from canet_kernels.options import (MODEL_OPTIONS, TRAIN_OPTIONS, add_options,  # noqa: E402
                                    from_options)
-from canet_kernels.train import (RUNG_MIN_PRICE, TrainConfig, probe_groups,  # noqa: E402
-                                 route_values, router_logits, served_cuts, train)
+from canet_kernels.train import (TrainConfig, choose_rungs, group_means,  # noqa: E402
+                                 probe_groups, route_values, router_logits, served_cuts,
+                                 train)
 
 
 def parse(argv=None):
@@ -51,10 +52,8 @@ def parse(argv=None):
     p.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "data"))
     p.add_argument("--datasets", nargs="+", default=["LastFM"])
     # accuracy_real.py's protocol defaults, so that its commands carry over
-    add_options(p, CANetConfig, MODEL_OPTIONS, {"flop_target": 0.40}, "model")
-    add_options(p, TrainConfig, TRAIN_OPTIONS,
-                {"epochs": 60, "patience": 10, "mask_seen": True,
-                 "warmup_epochs": 10}, "training")
+    add_options(p, CANetConfig, MODEL_OPTIONS, MODEL_DEFAULTS, "model")
+    add_options(p, TrainConfig, TRAIN_OPTIONS, TRAIN_DEFAULTS, "training")
     p.add_argument("--halves", type=int, default=200,
                    help="random splits of the validation users into two halves")
     p.add_argument("--shrink", type=float, nargs="+", default=[0, 300, 1000, math.inf],
@@ -72,13 +71,6 @@ def parse(argv=None):
     return a
 
 
-def group_means(values, group, k):
-    """([K] users, [K, R] mean values) of the users in each group."""
-    n = torch.bincount(group, minlength=k).double()
-    m = torch.zeros(k, values.shape[1], dtype=torch.float64).index_add_(0, group, values)
-    return n, m / n.clamp_min(1)[:, None]
-
-
 def choose(values, group, k, ratio, target, rising, lam):
     """The probe's rung routes [K] on these users, each group's metric
     shrunk toward all users' by `lam` pseudo-users."""
@@ -86,8 +78,7 @@ def choose(values, group, k, ratio, target, rising, lam):
     every = values.mean(0)[None]
     m = every.expand_as(m).clone() if math.isinf(lam) else (n[:, None] * m + lam * every) / \
         (n[:, None] + lam)
-    best = float((n @ m).max() / n.sum())
-    return choose_under_target(m, n, ratio, target, floor=RUNG_MIN_PRICE * best, rising=rising)
+    return choose_rungs(m, n, ratio, target, rising)
 
 
 def held_out(values, group, k, ratio, target, rising, shrink, halves, seed):
@@ -159,10 +150,7 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     report = {"settings": vars(a), "datasets": {}}
     for name in a.datasets:
-        fname = name if name.endswith(".inter") else f"{name}.txt"
-        ds = D.read_file(os.path.join(a.data_dir, fname))
-        if a.limit_users:
-            ds.sequences, ds.users = ds.sequences[:a.limit_users], ds.users[:a.limit_users]
+        ds = read_dataset(a.data_dir, name, a.limit_users)
         split = D.leave_one_out(ds, a.max_len)
         mcfg = from_options(CANetConfig, a, MODEL_OPTIONS, n_items=ds.n_items)
         if not mcfg.rungs or a.rung_choice != "probe":

@@ -411,20 +411,32 @@ def probe_rungs(model: CANet, es: EvalSet, logits, tcfg: TrainConfig,
     group = probe_groups(model, es, logits, cuts)
     if users is not None:
         es, group = es.subset(users), group[users]
-    n = torch.bincount(group, minlength=K).double()
-    metric = torch.zeros(K, cfg.num_routes, dtype=torch.float64).index_add_(
-        0, group, route_values(model, es, tcfg, dist)) / n.clamp_min(1)[:, None]
-    best = float((n @ metric).max() / n.sum())     # the best single route's metric
+    n, metric = group_means(route_values(model, es, tcfg, dist), group, K)
     ratio = model.route_ratio.cpu()
-    routes = choose_under_target(metric, n, ratio, cfg.flop_target,
-                                 floor=RUNG_MIN_PRICE * best,
-                                 rising=tcfg.rung_order == "rising")
+    routes = choose_rungs(metric, n, ratio, cfg.flop_target, tcfg.rung_order == "rising")
     cost = float((n * ratio[routes]).sum() / n.sum().clamp_min(1))
     if cfg.flop_target is not None and cost > cfg.flop_target + 1e-9:
         # only rising routes can: K distinct routes may cost more than the target
         warnings.warn(f"rung_order 'rising': the cheapest rising routes cost FLOP ratio "
                       f"{cost:.3f}, above flop_target {cfg.flop_target}")
     return routes
+
+
+def group_means(values, group, k: int):
+    """([K] users, [K, R] mean of `values` [U, R]) of the users in each of
+    the k groups (`group` [U])."""
+    n = torch.bincount(group, minlength=k).double()
+    total = torch.zeros(k, values.shape[1], dtype=torch.float64).index_add_(0, group, values)
+    return n, total / n.clamp_min(1)[:, None]
+
+
+def choose_rungs(metric, n, ratio, target, rising: bool):
+    """The probe's rule: choose_under_target of the groups' mean `metric`
+    [K, R] (n [K] users), each route having to buy RUNG_MIN_PRICE x the
+    best single route's metric per unit of FLOP ratio."""
+    best = float((n @ metric).max() / n.sum())     # the best single route's metric
+    return choose_under_target(metric, n, ratio, target, floor=RUNG_MIN_PRICE * best,
+                               rising=rising)
 
 
 def probe_groups(model: CANet, es: EvalSet, logits, cuts=None) -> torch.Tensor:
